@@ -1,0 +1,27 @@
+"""Ray Data batch inference: a model loaded once per actor, batches streamed through a pool."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["read_shards", "from_rows", "map_with_actors"]
+
+
+def read_shards(urls: list[str]):
+    """WebDataset shards as a Ray Dataset of raw members (bytes, undecoded: decoding happens in the
+    actors, by extension and without pickle). Columns: __key__, __url__?, one per extension."""
+    import ray.data
+    # decoder=False: Ray's default decoder would unpickle .pyd/.pt members of untrusted shards.
+    return ray.data.read_webdataset(urls, decoder=False, include_paths=False)
+
+
+def from_rows(rows: list[dict]):
+    import ray.data
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
+
+
+def map_with_actors(ds, actor_cls, ctor_kwargs: dict[str, Any], *, batch_size: int,
+                    concurrency: int, num_cpus: float = 1, num_gpus: float = 0):
+    """`actor_cls(**ctor_kwargs)` once per actor, then `actor(batch) -> batch` over the dataset."""
+    return ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=batch_size,
+                          concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
+                          batch_format="numpy")

@@ -1,0 +1,52 @@
+"""Starting or joining Ray for one pipeline run, and the environment every worker needs."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["ray_session", "worker_env", "run_tasks"]
+
+
+def worker_env(torch_extensions_dir: str | None = None) -> dict[str, str]:
+    """Environment variables for Ray workers: DeepSpeed's JIT ops cached across runs, MLflow quiet."""
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if torch_extensions_dir:
+        env["TORCH_EXTENSIONS_DIR"] = os.path.abspath(os.path.expanduser(torch_extensions_dir))
+    return env
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                env: dict[str, str] | None = None, log_to_driver: bool = True) -> Iterator[dict]:
+    """Start a local Ray (address None) or join an existing cluster; shut down only what we started.
+
+    Yields the cluster resources. An already-initialised Ray (a test fixture, a Ray job driver) is
+    used as it is and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    runtime_env = {"env_vars": dict(env or {})}
+    for k, v in (env or {}).items():
+        os.environ.setdefault(k, v)   # the driver runs Ray Data operators in-process too
+    if address is None:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=log_to_driver,
+                 configure_logging=True, logging_level="WARNING")
+    else:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def run_tasks(fn, kwargs_list: list[dict], num_cpus: float = 1) -> list:
+    """Run `fn(**kwargs)` for each kwargs as Ray tasks and return the results in order."""
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    return ray.get([remote.remote(**kw) for kw in kwargs_list])

@@ -1,0 +1,161 @@
+"""Stage 3, latent cache: Ray Data encodes the image shards once with the trained autoencoder (an
+actor pool, model loaded once per actor) and the text encoder, and writes latent shards.
+
+Each latent sample: `{key}.mean.npy`, `{key}.std.npy` (posterior, float32, (C, h, w)), `{key}.txt`,
+`{key}.text.npy` (per-token text states, float16, (L, D)), `{key}.mask.npy` ((L,) bool).
+The cache directory is named by its key: a hash of everything that decides its bytes (autoencoder
+hash, scale, resolution, image transforms, text encoder, dataset). A finished cache with the same
+key is reused, and a changed input gets a new key: a cache cannot go stale silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import CacheConfig, config_hash
+from pipelines.lineage import dir_hash
+from pipelines.shards import TRANSFORMS, npy_bytes
+from pipelines.stage import AutoencoderArtifact, DatasetArtifact, LatentCacheArtifact, StageContext
+from pipelines.tracking import TAG
+
+__all__ = ["cache_latents", "LatentEncoder", "cache_key"]
+
+
+class LatentEncoder:
+    """A Ray Data actor: loads the autoencoder and text encoder once, encodes batches of raw samples."""
+
+    def __init__(self, autoencoder_dir: str, text_encoder_dir: str, resolution: int):
+        import torch
+        from models.autoencoder import load_pretrained
+        from models.text import load_text_encoder
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.ae, _ = load_pretrained(autoencoder_dir)
+        self.ae.eval()
+        self.text = load_text_encoder(text_encoder_dir).eval()
+        self.resolution = resolution
+
+    def __call__(self, batch: dict) -> dict:
+        from pipelines.shards import decode_sample, image_of, image_to_tensor_array
+        torch = self.torch
+        keys = [str(k) for k in batch["__key__"]]
+        members = [k for k in batch if not k.startswith("__")]
+        samples = [decode_sample({"__key__": key, "__url__": "cache input",
+                                  **{m: batch[m][i] for m in members if batch[m][i] is not None}})
+                   for i, key in enumerate(keys)]
+        x = torch.from_numpy(np.stack([image_to_tensor_array(image_of(s), self.resolution)
+                                       for s in samples]))
+        captions = [s.get("txt", "") for s in samples]
+        with torch.no_grad():
+            post = self.ae.encode(x)
+            mean, std = post.mean.float().numpy(), post.std.float().numpy()
+            states, mask = self.text.encode(captions)
+        states = states.to(torch.float16).numpy()
+        mask = mask.numpy()
+        return {
+            "__key__": np.array(keys, dtype=object),
+            "mean.npy": np.array([npy_bytes(m) for m in mean], dtype=object),
+            "std.npy": np.array([npy_bytes(s) for s in std], dtype=object),
+            "text.npy": np.array([npy_bytes(s) for s in states], dtype=object),
+            "mask.npy": np.array([npy_bytes(m) for m in mask], dtype=object),
+            "txt": np.array([c.encode() for c in captions], dtype=object),
+        }
+
+
+def cache_key(*, autoencoder_hash: str, scale_factor: float, resolution: int, text_encoder_hash: str,
+              dataset_hash: str, split: str = "train") -> tuple[str, dict]:
+    parts = {"autoencoder_hash": autoencoder_hash, "scale_factor": repr(float(scale_factor)),
+             "resolution": resolution, "transforms": TRANSFORMS, "text_encoder_hash": text_encoder_hash,
+             "dataset_hash": dataset_hash, "split": split, "format": "ldmflow-latents-v1"}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
+
+
+def _prepare_text_encoder(cfg: CacheConfig, directory: Path) -> str:
+    """Build (or load pretrained) the text encoder once, save it, and return its content hash."""
+    from models.text import TextEncoder, save_text_encoder
+    if directory.exists():
+        shutil.rmtree(directory)
+    save_text_encoder(TextEncoder(cfg.text_encoder).eval(), directory)
+    return dir_hash(directory)
+
+
+def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: AutoencoderArtifact,
+                  ctx: StageContext) -> LatentCacheArtifact:
+    import torch
+    from cluster.inference import map_with_actors, read_shards
+    from models.text import load_text_encoder
+
+    root = Path(cfg.root).expanduser() if cfg.root else ctx.output_dir / "latents"
+    root.mkdir(parents=True, exist_ok=True)
+    tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["autoencoder_hash"]: autoencoder.autoencoder_hash,
+            TAG["autoencoder_version"]: autoencoder.model_version,
+            TAG["upstream_runs"]: f"{data.run_id},{autoencoder.run_id}"}
+    with ctx.stage_run("cache", cfg, tags) as run_id:
+        staging = root / f".text-encoder-{config_hash(cfg.text_encoder)}-{os.getpid()}"
+        te_hash = _prepare_text_encoder(cfg, staging)
+        resolution = ctx.config.data.resolution
+        key, parts = cache_key(autoencoder_hash=autoencoder.autoencoder_hash,
+                               scale_factor=autoencoder.scale_factor, resolution=resolution,
+                               text_encoder_hash=te_hash, dataset_hash=data.dataset_hash)
+        cache_dir = root / key
+        manifest_path = cache_dir / "manifest.json"
+        reused = manifest_path.is_file()
+        if reused:
+            shutil.rmtree(staging)
+        else:
+            # Build in a temp dir and rename at the end: a crash never leaves a half cache under the key.
+            tmp = root / f".{key}.partial-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            staging.rename(tmp / "text_encoder")
+            text = load_text_encoder(tmp / "text_encoder").eval()
+            with torch.no_grad():
+                null_states, null_mask = text.encode([""])
+            np.savez(tmp / "null_text.npz", states=null_states[0].float().numpy(),
+                     mask=null_mask[0].numpy())
+            ds = read_shards(data.train_urls)
+            ds = map_with_actors(ds, LatentEncoder,
+                                 {"autoencoder_dir": autoencoder.directory,
+                                  "text_encoder_dir": str(tmp / "text_encoder"), "resolution": resolution},
+                                 batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+            ds.write_webdataset(str(tmp / "shards"), encoder=None, min_rows_per_file=1024)
+            shards = sorted(str(p.relative_to(tmp)) for p in (tmp / "shards").glob("*.tar"))
+            first = _first_sample(tmp / shards[0])
+            manifest = {"key": key, "key_parts": parts, "shards": shards,
+                        "num_samples": data.num_train,
+                        "latent_shape": list(first["mean.npy"].shape),
+                        "text_shape": list(first["text.npy"].shape),
+                        "autoencoder": {"directory": autoencoder.directory,
+                                        "hash": autoencoder.autoencoder_hash,
+                                        "model_version": autoencoder.model_version,
+                                        "scale_factor": autoencoder.scale_factor},
+                        "text_encoder": {"config": cfg.text_encoder.to_dict(), "hash": te_hash},
+                        "dataset_hash": data.dataset_hash, "train_urls": data.train_urls}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            tmp.rename(cache_dir)
+        manifest = json.loads(manifest_path.read_text())
+        ctx.tracker.set_tags(run_id, {TAG["latent_cache_key"]: key, "ldmflow.cache_reused": reused})
+        ctx.tracker.log_dict(run_id, manifest, "manifest.json")
+        ctx.tracker.log_metrics(run_id, {"num_samples": manifest["num_samples"],
+                                         "num_shards": len(manifest["shards"])})
+        return LatentCacheArtifact(
+            directory=str(cache_dir), key=key,
+            train_urls=[str(cache_dir / s) for s in manifest["shards"]],
+            num_samples=manifest["num_samples"], text_encoder_dir=str(cache_dir / "text_encoder"),
+            null_text_file=str(cache_dir / "null_text.npz"), scale_factor=autoencoder.scale_factor,
+            latent_shape=manifest["latent_shape"], text_shape=manifest["text_shape"],
+            autoencoder_hash=autoencoder.autoencoder_hash, autoencoder_version=autoencoder.model_version,
+            dataset_hash=data.dataset_hash, run_id=run_id)
+
+
+def _first_sample(url) -> dict:
+    from pipelines.shards import decode_sample, iter_samples
+    for raw in iter_samples([str(url)]):
+        return decode_sample(raw)
+    raise RuntimeError(f"{url}: latent shard is empty")

@@ -1,0 +1,395 @@
+"""The pipeline configuration: one YAML, typed sections, validated before any work starts.
+
+A config is a tree of dataclasses. The model sections embed the models' own config classes
+(`AutoencoderConfig`, `UNetConfig`, ...) so what the YAML says is exactly what the constructor gets
+and what is saved beside the weights. `load_config` rejects unknown keys and wrong types with the
+field's full path (``diffusion.unet.channels: expected int, got str 'wide'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.autoencoder import AutoencoderConfig
+from models.schedules import ScheduleConfig
+from models.text import TextEncoderConfig
+from models.unet import UNetConfig
+
+__all__ = [
+    "ConfigError", "PipelineConfig", "DataConfig", "AutoencoderStageConfig", "CacheConfig",
+    "DiffusionConfig", "SampleConfig", "TrackingConfig", "ClusterConfig",
+    "load_config", "from_dict", "to_dict", "apply_overrides", "config_hash",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message starts with its path."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shapes", "emoji", "shards"] = "shapes"
+    resolution: int = 32            # images are square, resolution x resolution
+    num_train: int = 4096           # shapes: images generated; emoji/shards: upper bound (0 = all)
+    num_val: int = 256              # held out for validation (emoji: taken from the seeded permutation)
+    shard_size: int = 512           # samples per tar shard
+    seed: int = 0                   # generation and split seed: same seed, same bytes
+    max_objects: int = 2            # shapes: objects per image, 1..max_objects
+    font_path: str | None = None    # emoji: Noto Color Emoji .ttf; None = the Debian path
+    train_urls: str | None = None   # shards: a directory, brace pattern or fsspec URL of train shards
+    val_urls: str | None = None     # shards: the same for validation shards
+
+    def __post_init__(self):
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"resolution: expected a multiple of 8 >= 8, got {self.resolution}")
+        for name in ("num_train", "num_val"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size: expected >= 1, got {self.shard_size}")
+        if self.source == "shards" and not self.train_urls:
+            raise ConfigError("train_urls: required when source is 'shards'")
+
+
+@dataclass
+class AutoencoderStageConfig:
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    kl_weight: float = 1e-6         # weight of KL(q(z|x) || N(0, I)) against the L1 reconstruction
+    lr: float = 1e-3
+    batch_size: int = 32            # per worker
+    max_steps: int = 1000           # optimizer steps (every rank takes the same number: no DDP hang)
+    num_workers: int = 2            # Ray Train workers (DDP ranks)
+    log_every: int = 25
+    seed: int = 0
+    scale_batches: int = 8          # batches of train latents used to estimate the latent scale (1/std)
+
+    def __post_init__(self):
+        _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_weight: expected >= 0, got {self.kl_weight}")
+
+
+@dataclass
+class CacheConfig:
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    batch_size: int = 64            # images per encode call in one actor
+    concurrency: int = 2            # encoder actors in the Ray Data pool
+    root: str | None = None         # where latent caches live (keyed subdirs); None = <output_dir>/latents
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "concurrency")
+
+
+@dataclass
+class DiffusionConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64            # per worker
+    max_steps: int = 2000
+    warmup_steps: int = 100         # linear LR warm-up
+    grad_clip: float = 1.0          # 0 disables clipping
+    cond_drop_prob: float = 0.1     # classifier-free guidance: P(caption -> empty caption)
+    ema_decay: float = 0.999        # 0 disables EMA
+    zero_stage: int = 2             # DeepSpeed ZeRO stage 0-3
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = 2            # Ray Train workers (DeepSpeed ranks)
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every")
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ConfigError(f"cond_drop_prob: expected in [0, 1), got {self.cond_drop_prob}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: expected in [0, 1), got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            # ZeRO-3 partitions the parameters; the EMA would have to gather them every step.
+            raise ConfigError("ema_decay: EMA is not supported with zero_stage 3 yet; set ema_decay: 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps/grad_clip: expected >= 0")
+
+
+@dataclass
+class SampleConfig:
+    prompts: str | None = None      # .txt (one prompt a line) or .jsonl ({"prompt": ..., "seed"?: ...})
+    num_per_prompt: int = 1
+    steps: int = 50                 # DDIM steps
+    guidance_scale: float = 4.0     # classifier-free guidance; 1 = no guidance
+    eta: float = 0.0                # DDIM eta: 0 deterministic, 1 ~ ancestral
+    seed: int = 0                   # per-image seed = seed + index, unless the jsonl row gives one
+    batch_size: int = 16
+    concurrency: int = 1            # sampler actors in the Ray Data pool
+    use_ema: bool = True
+
+    def __post_init__(self):
+        _positive(self, "num_per_prompt", "steps", "batch_size", "concurrency")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale: expected >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None               # None = sqlite:///<output_dir>/mlflow.db (embedded)
+    artifact_location: str | None = None  # None = <output_dir>/mlartifacts
+    experiment: str = "ldmflow"
+    register_models: bool = True         # put autoencoder and U-Net into the Model Registry
+    model_prefix: str = "ldmflow"        # registered names: <prefix>-autoencoder, <prefix>-unet
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None      # None = start a local Ray for the run; "auto" or ray://... joins one
+    num_cpus: int | None = None     # local Ray only; None = all cores
+    use_gpu: bool = False
+    torch_extensions_dir: str = "~/.cache/ldmflow/torch_extensions"  # DeepSpeed JIT ops cache
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "quickstart"
+    output_dir: str = "runs/quickstart"   # relative to the working directory
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderStageConfig = field(default_factory=AutoencoderStageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        # Cross-section checks: each names the field that has to change.
+        ae = self.autoencoder.model
+        if ae.resolution != self.data.resolution:
+            raise ConfigError(f"autoencoder.model.resolution: expected data.resolution "
+                              f"({self.data.resolution}), got {ae.resolution}")
+        if self.diffusion.unet.in_channels != ae.z_channels:
+            raise ConfigError(f"diffusion.unet.in_channels: expected autoencoder.model.z_channels "
+                              f"({ae.z_channels}), got {self.diffusion.unet.in_channels}")
+        if self.diffusion.unet.out_channels != ae.z_channels:
+            raise ConfigError(f"diffusion.unet.out_channels: expected autoencoder.model.z_channels "
+                              f"({ae.z_channels}), got {self.diffusion.unet.out_channels}")
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{name}: expected > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks that name the path
+
+_SCI = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return str(tp)
+
+
+def _convert(value, tp, path: str):
+    """Check `value` against the annotation `tp` and return it in the dataclass's own form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _SCI.match(value.strip()):
+            return float(value)   # PyYAML (YAML 1.1) reads `1e-4` as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {tp!r}")  # a bug in a config class, not the user's
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # Raised by a cross-field check of this class: its message starts with the field name.
+        raise ConfigError(prefix + str(e)) from None
+    except (ValueError, TypeError) as e:
+        # The models' config classes validate in __post_init__ and name the field first.
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def to_dict(obj) -> dict:
+    """A dataclass tree as JSON-ready primitives (tuples become lists)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(obj)
+
+
+def config_hash(obj) -> str:
+    """Stable hash of a config (or any JSON-ready value): the same settings give the same hash."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings; values parse as YAML (`3`, `1e-4`, `[1, 2]`, `null`)."""
+    data = json.loads(json.dumps(data))  # deep copy; the YAML is plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse override value {raw!r}: {e}") from None
+    return data
+
+
+def _fill_defaults(data: dict) -> dict:
+    """The autoencoder's resolution follows the data unless the YAML sets it; the U-Net's latent
+    channels follow the autoencoder and its context width the text encoder's `width` override.
+    Only fills what is absent, so explicit mismatches still fail."""
+    data = dict(data)
+    res = (data.get("data") or {}).get("resolution", DataConfig.resolution)
+    ae = dict(data.get("autoencoder") or {})
+    ae_model = dict(ae.get("model") or {})
+    ae_model.setdefault("resolution", res)
+    ae["model"] = ae_model
+    data["autoencoder"] = ae
+    z = ae_model.get("z_channels", AutoencoderConfig.z_channels)
+    diff = dict(data.get("diffusion") or {})
+    unet = dict(diff.get("unet") or {})
+    unet.setdefault("in_channels", z)
+    unet.setdefault("out_channels", z)
+    width = ((data.get("cache") or {}).get("text_encoder") or {}).get("width")
+    if width is not None:
+        unet.setdefault("context_dim", width)
+    diff["unet"] = unet
+    data["diffusion"] = diff
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> PipelineConfig:
+    """Load a pipeline YAML (or a dict), apply overrides, validate everything, return the typed tree.
+
+    Relative input paths (`sample.prompts`, `data.train_urls`, `data.val_urls`) are resolved against
+    the YAML's directory, so a config travels with the files it names.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    for section, value in data.items():
+        if value is None:
+            raise ConfigError(f"{section}: empty section (remove it or give it keys)")
+    cfg = from_dict(PipelineConfig, _fill_defaults(data))
+    if path is not None:
+        base = path.resolve().parent
+        if cfg.sample.prompts:
+            cfg.sample.prompts = _resolve(cfg.sample.prompts, base)
+        if cfg.data.train_urls:
+            cfg.data.train_urls = _resolve(cfg.data.train_urls, base)
+        if cfg.data.val_urls:
+            cfg.data.val_urls = _resolve(cfg.data.val_urls, base)
+    return cfg
+
+
+def _resolve(p: str, base: Path) -> str:
+    if "://" in p or p.startswith("/") or p.startswith("~"):
+        return p
+    return str(base / p)

@@ -1,0 +1,108 @@
+"""What stages hand each other: typed artifacts, and the context a stage runs in."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipelines.config import PipelineConfig, config_hash, to_dict
+from pipelines.tracking import TAG, Tracker
+
+__all__ = ["StageContext", "DatasetArtifact", "AutoencoderArtifact", "LatentCacheArtifact",
+           "DiffusionArtifact", "SampleArtifact"]
+
+
+@dataclass
+class DatasetArtifact:
+    train_urls: list[str]
+    val_urls: list[str]
+    num_train: int
+    num_val: int
+    dataset_hash: str          # content hash of train + val shards
+    source: str
+    run_id: str | None = None
+
+
+@dataclass
+class AutoencoderArtifact:
+    directory: str             # model.safetensors + config.json (extra: scale_factor, ...)
+    autoencoder_hash: str      # content hash of that directory
+    scale_factor: float        # 1 / std of training latents; multiplies z before diffusion
+    dataset_hash: str
+    model_version: str | None  # Model Registry version, if registered
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LatentCacheArtifact:
+    directory: str
+    key: str                   # hash of (autoencoder hash, scale, resolution, transforms, text encoder, data)
+    train_urls: list[str]
+    num_samples: int
+    text_encoder_dir: str      # the exact text encoder that made the states (and must encode prompts)
+    null_text_file: str        # .npz with the empty caption's states and mask (classifier-free guidance)
+    scale_factor: float
+    latent_shape: list[int]    # (C, h, w)
+    text_shape: list[int]      # (L, D)
+    autoencoder_hash: str
+    autoencoder_version: str | None
+    dataset_hash: str
+    run_id: str | None = None
+
+
+@dataclass
+class DiffusionArtifact:
+    directory: str             # unet/ (+ unet_ema/) each model.safetensors + config.json; schedule.json
+    diffusion_hash: str
+    latent_cache_key: str
+    model_version: str | None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SampleArtifact:
+    directory: str
+    manifest: str              # manifest.jsonl: one row per image
+    grid: str | None
+    num_images: int
+    run_id: str | None = None
+
+
+@dataclass
+class StageContext:
+    """Where a stage writes and logs. Stages get everything else as explicit arguments."""
+    config: PipelineConfig
+    output_dir: Path
+    tracker: Tracker
+    pipeline_run_id: str
+    code_version: str
+    env: dict[str, str]
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.output_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @contextmanager
+    def stage_run(self, name: str, section: Any, tags: dict[str, Any] | None = None) -> Iterator[str]:
+        """A nested MLflow run for one stage: its resolved config saved beside its outputs and
+        logged; the run is marked FAILED if the stage raises."""
+        cfg_dict = to_dict(section)
+        all_tags = {TAG["stage"]: name, TAG["pipeline"]: self.config.name,
+                    TAG["config_hash"]: config_hash(section), TAG["code_version"]: self.code_version}
+        all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+        run_id = self.tracker.start_run(name, parent_run_id=self.pipeline_run_id, tags=all_tags)
+        stage_dir = self.stage_dir(name)
+        (stage_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+        self.tracker.log_params(run_id, cfg_dict)
+        self.tracker.log_dict(run_id, cfg_dict, "config.json")
+        ok = False
+        try:
+            yield run_id
+            ok = True
+        finally:
+            self.tracker.end_run(run_id, ok=ok)
