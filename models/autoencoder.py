@@ -1,0 +1,350 @@
+"""KL-regularised autoencoder of latent diffusion (CompVis LDM `AutoencoderKL`), compact.
+
+Images x in [-1, 1], (B, C, H, W), map to a diagonal Gaussian over latents
+(B, z, H/f, W/f) with f = 2 ** (len(ch_mult) - 1); the decoder maps a latent
+sample back to pixels. The net is fully convolutional: any H, W divisible by f
+work; `resolution` only decides at which feature-map sizes attention is built.
+
+Layout follows LDM's `Encoder`/`Decoder` (taming-transformers lineage), so the
+architecture and its hyper-parameters transfer; parameter names do not match
+LDM checkpoints and no converter is provided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import SelfAttention2d, norm
+from models.checkpoint import (
+    check_dropout,
+    check_int,
+    check_int_tuple,
+    config_from_dict,
+    config_to_dict,
+    load_state,
+    save_module,
+)
+
+__all__ = [
+    "AutoencoderConfig",
+    "AUTOENCODER_PRESETS",
+    "DiagonalGaussian",
+    "Encoder",
+    "Decoder",
+    "AutoencoderKL",
+    "kl_autoencoder_loss",
+    "save_pretrained",
+    "load_pretrained",
+]
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3  # image channels; the decoder outputs the same number
+    resolution: int = 32  # training image size (square); fixes where attention sits, see attn_resolutions
+    ch: int = 64  # base channel count; level i has ch * ch_mult[i] channels
+    ch_mult: tuple[int, ...] = (1, 2, 2)  # per level; downsampling factor f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 1  # ResNet blocks per encoder level (the decoder uses one more, as LDM)
+    attn_resolutions: tuple[int, ...] = ()  # feature-map sizes (in units of `resolution`) with self-attention
+    mid_attention: bool = True  # self-attention in the middle block, at the latent resolution
+    z_channels: int = 4  # latent channels; the encoder emits 2 * z_channels (mean and log-variance)
+    dropout: float = 0.0  # dropout inside ResNet blocks
+
+    def __post_init__(self):
+        check_int("in_channels", self.in_channels)
+        check_int("resolution", self.resolution)
+        check_int("ch", self.ch)
+        self.ch_mult = check_int_tuple("ch_mult", self.ch_mult)
+        check_int("num_res_blocks", self.num_res_blocks)
+        self.attn_resolutions = check_int_tuple("attn_resolutions", self.attn_resolutions, nonempty=False)
+        if not isinstance(self.mid_attention, bool):
+            raise ValueError(f"mid_attention: expected a bool, got {self.mid_attention!r}")
+        check_int("z_channels", self.z_channels)
+        self.dropout = check_dropout("dropout", self.dropout)
+        f = self.downsample_factor
+        if self.resolution % f:
+            raise ValueError(f"resolution: {self.resolution} is not divisible by the downsampling factor {f}")
+        # An attention size that no level has would silently build nothing.
+        sizes = [self.resolution // 2**i for i in range(len(self.ch_mult))]
+        missing = sorted(set(self.attn_resolutions) - set(sizes))
+        if missing:
+            raise ValueError(f"attn_resolutions: {missing} are not feature-map sizes of this net ({sizes})")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(z_channels, resolution // f, resolution // f) for a `resolution`-sized image."""
+        side = self.resolution // self.downsample_factor
+        return (self.z_channels, side, side)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
+        return config_from_dict(cls, d)
+
+
+# name -> factory; keyword arguments override preset fields, e.g.
+# AUTOENCODER_PRESETS["small-f8"](resolution=256). z_channels = 4 throughout so any
+# preset feeds a U-Net with in_channels = 4. The small ones put a 16x16 latent at
+# their training resolution.
+AUTOENCODER_PRESETS: dict[str, Callable[..., AutoencoderConfig]] = {
+    "tiny-f4": partial(AutoencoderConfig, resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    "small-f4": partial(AutoencoderConfig, resolution=64, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2),
+    "small-f8": partial(AutoencoderConfig, resolution=128, ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=2),
+}
+
+
+class DiagonalGaussian:
+    """N(mean, diag(exp(logvar))) from the encoder's (B, 2z, h, w) output."""
+
+    def __init__(self, parameters: torch.Tensor):
+        if parameters.ndim != 4 or parameters.shape[1] % 2:
+            raise ValueError(f"parameters: expected (B, 2*z, h, w), got {tuple(parameters.shape)}")
+        self.parameters = parameters
+        self.mean, logvar = parameters.chunk(2, dim=1)  # (B, z, h, w) each
+        # LDM's clamp: keeps exp() finite early in training, when the encoder is random.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise  # (B, z, h, w)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over (z, h, w): (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class ResnetBlock(nn.Module):
+    """norm-SiLU-conv twice, plus a 1x1 shortcut when the width changes. (B, cin, H, W) -> (B, cout, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, padded (0, 1, 0, 1) as LDM so even sizes halve exactly."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class _Level(nn.Module):
+    """ResNet blocks, each optionally followed by attention, then an optional resample."""
+
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, attn in zip(self.blocks, self.attns):
+            x = attn(block(x))
+        return self.resample(x)
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, channels: int, attention: bool, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = SelfAttention2d(channels) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, H, W) -> (B, 2 * z_channels, H/f, W/f): mean and log-variance stacked."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c = config
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        levels, block_in, res = [], c.ch, c.resolution
+        for i, mult in enumerate(c.ch_mult):
+            block_out = c.ch * mult
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, c.dropout))
+                attns.append(SelfAttention2d(block_out) if res in c.attn_resolutions else nn.Identity())
+                block_in = block_out
+            last = i == len(c.ch_mult) - 1
+            levels.append(_Level(blocks, attns, nn.Identity() if last else Downsample(block_in)))
+            res = res if last else res // 2
+        self.levels = nn.ModuleList(levels)
+        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout)
+        self.norm_out = norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.levels:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, in_channels, h*f, w*f). Mirrors the encoder, one extra block per level."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c = config
+        block_in = c.ch * c.ch_mult[-1]
+        res = c.resolution // c.downsample_factor
+        self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
+        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout)
+        levels = []  # in execution order: lowest resolution first
+        for i in reversed(range(len(c.ch_mult))):
+            block_out = c.ch * c.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, c.dropout))
+                attns.append(SelfAttention2d(block_out) if res in c.attn_resolutions else nn.Identity())
+                block_in = block_out
+            levels.append(_Level(blocks, attns, Upsample(block_in) if i > 0 else nn.Identity()))
+            res = res * 2 if i > 0 else res
+        self.levels = nn.ModuleList(levels)
+        self.norm_out = norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, c.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in self.levels:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # 1x1 convs between the nets and the latent, as LDM (there they also change
+        # the width to embed_dim; here embed_dim == z_channels).
+        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """x: (B, in_channels, H, W) in [-1, 1], H and W divisible by f -> posterior over (B, z, H/f, W/f)."""
+        f = self.config.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"x: expected (B, {self.config.in_channels}, H, W) with H, W divisible by {f}, "
+                f"got {tuple(x.shape)}"
+            )
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, z_channels, h, w) -> (B, in_channels, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        if z.ndim != 4 or z.shape[1] != self.config.z_channels:
+            raise ValueError(f"z: expected (B, {self.config.z_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+
+def kl_autoencoder_loss(
+    x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 reconstruction + kl_weight * KL, both per input element.
+
+    Normalisation: LDM (`contperceptual.py`) uses
+        sum_{pixels}|x - recon| / B + kl_weight * sum_{latent} KL / B,
+    whose size grows with the image. Here both terms are divided by the number
+    of elements of one input image, N = C * H * W:
+        rec_loss = mean |x - recon|                      (over B, C, H, W)
+        kl_loss  = mean_B( posterior.kl() ) / N          (nats per input element)
+        loss     = rec_loss + kl_weight * kl_loss
+    That is LDM's loss divided by N: same balance between the terms, so LDM's
+    kl_weight (1e-6 for its KL-f8/f4 models; 1e-6..1e-4 sensible) means the same
+    here, while the loss stays O(0.1) at any resolution so learning rates do too.
+
+    Returns (loss, {"loss", "rec_loss", "kl_loss"}); the floats are detached
+    (`.item()`, one device sync per call).
+    """
+    if x.shape != recon.shape:
+        raise ValueError(f"recon: expected the shape of x {tuple(x.shape)}, got {tuple(recon.shape)}")
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight: expected >= 0, got {kl_weight}")
+    n = x[0].numel()
+    # float32 for the reductions: a half-precision sum over a batch of images is
+    # where VAE losses turn into inf/NaN.
+    rec_loss = (x.float() - recon.float()).abs().mean()
+    kl_loss = posterior.kl().float().mean() / n
+    loss = rec_loss + kl_weight * kl_loss
+    # Perceptual (LPIPS) and PatchGAN terms belong here, added to `loss` with their
+    # own weights and logged under their own keys; LDM's learned output log-variance
+    # (rec_loss / exp(logvar) + logvar) comes with them.
+    logs = {"loss": loss.item(), "rec_loss": rec_loss.item(), "kl_loss": kl_loss.item()}
+    return loss, logs
+
+
+def save_pretrained(model: AutoencoderKL, directory, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` (config fields, `extra` under "extra")."""
+    return save_module(model, model.config.to_dict(), directory, extra)
+
+
+def load_pretrained(directory, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict[str, Any]]:
+    """Rebuild the autoencoder saved by `save_pretrained`: (model in eval mode, extra)."""
+    # Read onto the CPU where the fresh model is built, then move once.
+    config_dict, state, extra = load_state(directory, "cpu")
+    model = AutoencoderKL(AutoencoderConfig.from_dict(config_dict))
+    model.load_state_dict(state)  # strict: a mismatch means config and weights disagree
+    return model.to(map_location).eval(), extra
