@@ -10,8 +10,9 @@ def read_shards(urls: list[str]):
     """WebDataset shards as a Ray Dataset of raw members (bytes, undecoded: decoding happens in the
     actors, by extension and without pickle). Columns: __key__, __url__?, one per extension."""
     import ray.data
-    # decoder=False: Ray's default decoder would unpickle .pyd/.pt members of untrusted shards.
-    return ray.data.read_webdataset(urls, decoder=False, include_paths=False)
+    # decoder=None: raw bytes. Ray's default decoder would unpickle .pyd/.pt members of untrusted
+    # shards (and decoder=False still decodes images and text).
+    return ray.data.read_webdataset(urls, decoder=None, include_paths=False)
 
 
 def from_rows(rows: list[dict]):
@@ -22,6 +23,7 @@ def from_rows(rows: list[dict]):
 def map_with_actors(ds, actor_cls, ctor_kwargs: dict[str, Any], *, batch_size: int,
                     concurrency: int, num_cpus: float = 1, num_gpus: float = 0):
     """`actor_cls(**ctor_kwargs)` once per actor, then `actor(batch) -> batch` over the dataset."""
+    from ray.data import ActorPoolStrategy
     return ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=batch_size,
-                          concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
-                          batch_format="numpy")
+                          compute=ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+                          num_gpus=num_gpus, batch_format="numpy")

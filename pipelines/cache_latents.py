@@ -19,7 +19,7 @@ import numpy as np
 
 from pipelines.config import CacheConfig, config_hash
 from pipelines.lineage import dir_hash
-from pipelines.shards import TRANSFORMS, npy_bytes
+from pipelines.shards import IMAGE_EXTS, TRANSFORMS, npy_bytes
 from pipelines.stage import AutoencoderArtifact, DatasetArtifact, LatentCacheArtifact, StageContext
 from pipelines.tracking import TAG
 
@@ -44,9 +44,10 @@ class LatentEncoder:
         from pipelines.shards import decode_sample, image_of, image_to_tensor_array
         torch = self.torch
         keys = [str(k) for k in batch["__key__"]]
-        members = [k for k in batch if not k.startswith("__")]
+        # Only the image and caption are needed; Ray may hand other members over pre-decoded.
+        members = [k for k in batch if k in IMAGE_EXTS or k == "txt"]
         samples = [decode_sample({"__key__": key, "__url__": "cache input",
-                                  **{m: batch[m][i] for m in members if batch[m][i] is not None}})
+                                  **{m: _as_bytes(batch[m][i]) for m in members if batch[m][i] is not None}})
                    for i, key in enumerate(keys)]
         x = torch.from_numpy(np.stack([image_to_tensor_array(image_of(s), self.resolution)
                                        for s in samples]))
@@ -65,6 +66,10 @@ class LatentEncoder:
             "mask.npy": np.array([npy_bytes(m) for m in mask], dtype=object),
             "txt": np.array([c.encode() for c in captions], dtype=object),
         }
+
+
+def _as_bytes(v) -> bytes:
+    return v.encode() if isinstance(v, str) else bytes(v)
 
 
 def cache_key(*, autoencoder_hash: str, scale_factor: float, resolution: int, text_encoder_hash: str,

@@ -104,7 +104,7 @@ def diffusion_worker(c: dict) -> None:
         engine.step()
         if ema is not None:
             ema.update(denoiser.net)
-        running += float(loss)
+        running += float(loss.detach())
         n_run += 1
         if log and (step % c["log_every"] == 0 or step == c["max_steps"]):
             log.log({"train/loss": running / n_run, "train/lr": engine.get_lr()[0]}, step)
@@ -117,7 +117,7 @@ def diffusion_worker(c: dict) -> None:
             ema.copy_to(shadow)
             save_module(shadow, unet_cfg.to_dict(), f"{d}/unet_ema", extra={"ema_decay": c["ema_decay"],
                                                                            "steps": c["max_steps"]})
-        report({"loss": float(loss), "steps": c["max_steps"]}, d)
+        report({"loss": float(loss.detach()), "steps": c["max_steps"]}, d)
 
 
 def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: StageContext) -> DiffusionArtifact:

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# DeepSpeed's JIT ops (the shm comm op) compile once per machine, not per test run.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ldmflow/torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A Ray of our own for the session, ended by handle (never `ray stop`: that kills every Ray
+    of this user on the machine)."""
+    import ray
+    from cluster.runtime import worker_env
+    env = worker_env(os.environ["TORCH_EXTENSIONS_DIR"])
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": env}, logging_level="WARNING")
+    yield ctx
+    ray.shutdown()
+
+
+def tiny_overrides(out) -> list[str]:
+    """A whole pipeline in seconds: tiny models, a few steps, a few images."""
+    return [
+        f"output_dir={out}", "name=tiny",
+        "data.num_train=128", "data.num_val=32", "data.shard_size=32",
+        "autoencoder.model.ch=16", "autoencoder.model.ch_mult=[1, 2, 2]", "autoencoder.max_steps=4",
+        "autoencoder.batch_size=8", "autoencoder.log_every=2", "autoencoder.scale_batches=2",
+        "cache.text_encoder.layers=1", "cache.text_encoder.width=32", "cache.text_encoder.heads=2",
+        "cache.text_encoder.context_length=8", "cache.batch_size=32", "cache.concurrency=1",
+        "diffusion.unet.channels=16", "diffusion.unet.channel_mult=[1, 2]", "diffusion.unet.context_dim=32",
+        "diffusion.unet.attention_levels=[1]", "diffusion.unet.num_heads=2",
+        "diffusion.max_steps=4", "diffusion.batch_size=8", "diffusion.log_every=2", "diffusion.warmup_steps=2",
+        "sample.num_per_prompt=1", "sample.steps=3", "sample.batch_size=4", "sample.concurrency=1",
+        "tracking.experiment=tiny",
+    ]
