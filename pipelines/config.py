@@ -71,6 +71,7 @@ class AutoencoderStageConfig:
     log_every: int = 25
     seed: int = 0
     scale_batches: int = 8          # batches of train latents used to estimate the latent scale (1/std)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (fp32 weights); ~2.5x on AMX CPUs
 
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")

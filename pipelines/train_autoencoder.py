@@ -53,8 +53,9 @@ def autoencoder_worker(c: dict) -> None:
     running: dict[str, float] = {}
     for step in range(1, c["max_steps"] + 1):
         x = next(batches).to(device)
-        recon, posterior = model(x)
-        loss, logs = kl_autoencoder_loss(x, recon, posterior, c["kl_weight"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["precision"] == "bf16"):
+            recon, posterior = model(x)
+        loss, logs = kl_autoencoder_loss(x, recon.float(), posterior, c["kl_weight"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -123,7 +124,7 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
         loop_cfg = {"model": cfg.model.to_dict(), "lr": cfg.lr, "kl_weight": cfg.kl_weight,
                     "batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "seed": cfg.seed,
                     "log_every": cfg.log_every, "scale_batches": cfg.scale_batches,
-                    "resolution": cfg.model.resolution, "train_urls": data.train_urls,
+                    "resolution": cfg.model.resolution, "precision": cfg.precision, "train_urls": data.train_urls,
                     "val_urls": data.val_urls, "tracking_uri": ctx.tracker.uri, "run_id": run_id}
         result = fit(autoencoder_worker, loop_cfg, num_workers=cfg.num_workers,
                      use_gpu=ctx.config.cluster.use_gpu, storage_path=str(ctx.output_dir / "ray_results"),
