@@ -34,7 +34,7 @@ def grid(images: list[Image.Image], cols: int | None = None, scale: int = 1, pad
 def caption_sheet(items: list[tuple[Image.Image, str]], cols: int = 4, size: int = 96) -> Image.Image:
     """Images upscaled to `size` with their captions underneath."""
     font = ImageFont.load_default()
-    text_h = 40
+    text_h = 52
     rows = math.ceil(len(items) / cols)
     cell_w, cell_h = size + 16, size + text_h
     out = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
@@ -43,6 +43,6 @@ def caption_sheet(items: list[tuple[Image.Image, str]], cols: int = 4, size: int
         r, c = divmod(i, cols)
         x, y = c * cell_w + 8, r * cell_h
         out.paste(im.resize((size, size), Image.NEAREST), (x, y))
-        for j, line in enumerate(textwrap.wrap(caption, 18)[:3]):
+        for j, line in enumerate(textwrap.wrap(caption, 18)[:4]):
             draw.text((x, y + size + 1 + 12 * j), line, fill="black", font=font)
     return out
