@@ -48,5 +48,13 @@ def run_tasks(fn, kwargs_list: list[dict], num_cpus: float = 1) -> list:
     """Run `fn(**kwargs)` for each kwargs as Ray tasks and return the results in order."""
     import ray
 
+    from ray.exceptions import RayTaskError
+
     remote = ray.remote(num_cpus=num_cpus)(fn)
-    return ray.get([remote.remote(**kw) for kw in kwargs_list])
+    try:
+        return ray.get([remote.remote(**kw) for kw in kwargs_list])
+    except RayTaskError as e:
+        # The task's own exception (e.g. a ShardError naming the shard), not Ray's wrapper of it.
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipelines.config import ConfigError, load_config, to_dict
-    from pipelines.run import OutputDirError, run_data_only, run_pipeline
+    from pipelines.run import OutputDirError, run_pipeline
     from pipelines.sample import PromptsError
     from pipelines.shards import ShardError
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         if args.cmd == "data":
-            res = run_data_only(cfg, args.address)
+            res = run_pipeline(cfg, args.address, data_only=True)
             print(f"train shards: {len(res.data.train_urls)} ({res.data.num_train} images), "
                   f"val shards: {len(res.data.val_urls)} ({res.data.num_val} images) in {res.output_dir}/data")
             print(f"dataset hash: {res.data.dataset_hash}")

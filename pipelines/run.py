@@ -18,7 +18,7 @@ from pipelines.stage import (AutoencoderArtifact, DatasetArtifact, DiffusionArti
                              SampleArtifact, StageContext)
 from pipelines.tracking import TAG, Tracker
 
-__all__ = ["run_pipeline", "run_data_only", "OutputDirError", "PipelineResult", "preflight"]
+__all__ = ["run_pipeline", "OutputDirError", "PipelineResult", "preflight"]
 
 MARKER = "pipeline.json"
 
@@ -110,7 +110,8 @@ def _stage(ctx: StageContext, name: str, cls, fn):
     return art
 
 
-def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> PipelineResult:
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, data_only: bool = False) -> PipelineResult:
+    """Run the DAG (or only its data stage) for `cfg`; see the module docstring for resume rules."""
     from cluster.runtime import ray_session
     from pipelines.cache_latents import cache_latents
     from pipelines.data import prepare_data
@@ -118,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> PipelineRes
     from pipelines.train_autoencoder import train_autoencoder
     from pipelines.train_diffusion import train_diffusion
 
-    preflight(cfg)
+    preflight(cfg, with_samples=not data_only)
     out = Path(cfg.output_dir).resolve()
     resumed = _claim_output_dir(cfg, out)
     ctx = _context(cfg, out, resumed)
@@ -126,35 +127,23 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> PipelineRes
     try:
         with ray_session(address or cfg.cluster.address, cfg.cluster.num_cpus, ctx.env):
             data = _stage(ctx, "data", DatasetArtifact, lambda: prepare_data(cfg.data, ctx))
+            res = PipelineResult(str(out), ctx.pipeline_run_id, ctx.tracker, data)
+            ctx.tracker.set_tags(ctx.pipeline_run_id, {TAG["dataset_hash"]: data.dataset_hash})
+            if data_only:
+                ok = True
+                return res
             ae = _stage(ctx, "autoencoder", AutoencoderArtifact,
                         lambda: train_autoencoder(cfg.autoencoder, data, ctx))
             cache = _stage(ctx, "cache", LatentCacheArtifact, lambda: cache_latents(cfg.cache, data, ae, ctx))
             diff = _stage(ctx, "diffusion", DiffusionArtifact, lambda: train_diffusion(cfg.diffusion, cache, ctx))
             samples = _stage(ctx, "samples", SampleArtifact, lambda: sample(cfg.sample, diff, ae, cache, ctx))
         ctx.tracker.set_tags(ctx.pipeline_run_id, {
-            TAG["dataset_hash"]: data.dataset_hash, TAG["autoencoder_version"]: ae.model_version or "",
-            TAG["latent_cache_key"]: cache.key, TAG["diffusion_version"]: diff.model_version or ""})
+            TAG["autoencoder_version"]: ae.model_version or "", TAG["latent_cache_key"]: cache.key,
+            TAG["diffusion_version"]: diff.model_version or ""})
         if samples.grid:
             ctx.tracker.log_artifact(ctx.pipeline_run_id, samples.grid, "images")
+        res.autoencoder, res.cache, res.diffusion, res.samples = ae, cache, diff, samples
         ok = True
-        return PipelineResult(str(out), ctx.pipeline_run_id, ctx.tracker, data, ae, cache, diff, samples)
-    finally:
-        ctx.tracker.end_run(ctx.pipeline_run_id, ok=ok)
-
-
-def run_data_only(cfg: PipelineConfig, address: str | None = None) -> PipelineResult:
-    from cluster.runtime import ray_session
-    from pipelines.data import prepare_data
-
-    preflight(cfg, with_samples=False)
-    out = Path(cfg.output_dir).resolve()
-    resumed = _claim_output_dir(cfg, out)
-    ctx = _context(cfg, out, resumed)
-    ok = False
-    try:
-        with ray_session(address or cfg.cluster.address, cfg.cluster.num_cpus, ctx.env):
-            data = _stage(ctx, "data", DatasetArtifact, lambda: prepare_data(cfg.data, ctx))
-        ok = True
-        return PipelineResult(str(out), ctx.pipeline_run_id, ctx.tracker, data)
+        return res
     finally:
         ctx.tracker.end_run(ctx.pipeline_run_id, ok=ok)

@@ -59,3 +59,23 @@ def test_missing_font_names_path_and_install(tmp_path):
         EmojiSource(font_path=str(tmp_path / "nope.ttf"))
     assert "nope.ttf" in str(e.value) and "apt-get install fonts-noto-color-emoji" in str(e.value)
     assert isinstance(e.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("codepoints, name", [
+    ("1F1FA-1F1F8", "flag us"),      # shares its glyph with UM: the real flag wins
+    ("1F1EB-1F1F7", "flag fr"),      # ... with CP
+    ("1F469-200D-2764-200D-1F48B-200D-1F468", "woman heavy black heart kiss mark man"),
+    ("1F469-1F3FB-200D-1F91D-200D-1F469-1F3FF", "woman light skin tone handshake woman dark skin tone"),
+    ("1F6B6-200D-27A1", "pedestrian black rightwards arrow"),
+    ("1F3F3-200D-1F308", "waving white flag rainbow"),
+])
+def test_sequences_in_unicode_order(source, codepoints, name):
+    # Noto also ligates each ZWJ sequence reversed (for right-to-left text); meta must carry the
+    # Unicode sequence, not the twin.
+    assert source.entries[_index(source, codepoints)][2] == name
+
+
+def test_no_flag_halves_or_fallback_glyphs(source):
+    names = [e[2] for e in source.entries]
+    assert not any(n.startswith("regional indicator") for n in names)
+    assert len(set(names)) == len(names)

@@ -29,7 +29,6 @@ SKIN_TONES = {0x1F3FB: "light skin tone", 0x1F3FC: "medium-light skin tone", 0x1
               0x1F3FE: "medium-dark skin tone", 0x1F3FF: "dark skin tone"}
 HAIR = {0x1F9B0: "red hair", 0x1F9B1: "curly hair", 0x1F9B2: "bald", 0x1F9B3: "white hair"}
 GENDER = {0x2640: "woman", 0x2642: "man"}
-PEOPLE = {0x1F468, 0x1F469, 0x1F9D1}   # man, woman, person: bases of the profession sequences
 
 
 class FontNotFoundError(FileNotFoundError):
@@ -56,7 +55,9 @@ def _name(seq: tuple[int, ...]) -> str | None:
         return "keycap " + chr(seq[0])
     parts, gender = [], []
     for c in seq:
-        if c in (ZWJ, VS16, 0xFE0E, 0xE007F):
+        if c == 0xE007F:
+            return None   # only inside a subdivision flag, handled above
+        if c in (ZWJ, VS16, 0xFE0E):
             continue
         if c in SKIN_TONES:
             parts.append(SKIN_TONES[c])
@@ -77,7 +78,30 @@ def _is_emoji_cp(c: int) -> bool:
     # Private-use code points (the font maps some flags there too) are not emoji of their own.
     private = 0xE000 <= c <= 0xF8FF or c >= 0xF0000
     return (c > 0x7F and not private and c not in (ZWJ, VS16, 0xFE0E, KEYCAP)
-            and not 0xE0000 <= c <= 0xE007F)
+            and not 0xE0000 <= c <= 0xE007F and not 0x1F1E6 <= c <= 0x1F1FF)
+
+
+def _well_formed(seq: tuple[int, ...]) -> bool:
+    # A skin tone follows the emoji it modifies: never first, never right after a ZWJ. Noto's
+    # right-to-left twins of multi-person sequences (couples, handshakes) break this.
+    return all(i > 0 and seq[i - 1] != ZWJ for i, c in enumerate(seq) if c in SKIN_TONES and len(seq) > 1)
+
+
+def _pick(candidates: dict[str, list[tuple[int, ...]]], glyph_id) -> dict[str, tuple[int, ...]]:
+    """One sequence per glyph. Several sequences reach one glyph: Noto adds a right-to-left twin
+    of every ZWJ sequence (components reversed), and some flags share a glyph (US/UM, FR/CP,
+    ES/EA, NO/BV, IO/DG). Noto numbers sequence glyphs in sorted order of the sequences they were
+    built from, so walking glyphs by id the real sequence is the smallest one not below the
+    previous glyph's. (On the 2023 font every twin is settled this way or by `_well_formed`.)"""
+    chosen, previous = {}, ()
+    for glyph in sorted(candidates, key=glyph_id):
+        seqs = sorted(candidates[glyph], key=lambda s: (len(s) > 1, s))   # a single code point wins
+        if len(seqs) > 1 and len(seqs[0]) > 1:
+            seqs = [s for s in seqs if s >= previous] or seqs
+        chosen[glyph] = seqs[0]
+        if len(seqs[0]) > 1:
+            previous = seqs[0]
+    return chosen
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,21 +111,11 @@ def list_emoji(font_path: str) -> tuple[tuple[str, str, str], ...]:
     font = TTFont(font_path, lazy=True)
     cmap = font.getBestCmap()                      # code point -> glyph
     strike = font["CBDT"].strikeData[0]            # glyph -> bitmap
-    by_glyph: dict[str, tuple[int, ...]] = {}
-
-    def rank(seq):
-        # Several sequences reach one glyph (with or without VS16, legacy gender-first ZWJ orders):
-        # keep the standard order (base first), then the shortest.
-        # Standard: a skin tone right after its base; professions start with the person.
-        legacy = (seq[0] in GENDER or seq[0] == ZWJ
-                  or any(c in SKIN_TONES for c in seq[2:])
-                  or (ZWJ in seq and any(c in PEOPLE for c in seq[1:]) and seq[0] not in PEOPLE))
-        return (legacy, len(seq), seq)
+    candidates: dict[str, list[tuple[int, ...]]] = {}
 
     def offer(glyph: str, seq: tuple[int, ...]):
-        old = by_glyph.get(glyph)
-        if old is None or rank(seq) < rank(old):
-            by_glyph[glyph] = seq
+        if glyph in strike and _well_formed(seq) and _name(seq) is not None:
+            candidates.setdefault(glyph, []).append(seq)
 
     glyph_cp: dict[str, int] = {}
     for cp, glyph in sorted(cmap.items()):
@@ -116,14 +130,8 @@ def list_emoji(font_path: str) -> tuple[tuple[str, str, str], ...]:
                     comps = [first, *lig.Component]
                     if all(g in glyph_cp for g in comps):
                         offer(lig.LigGlyph, tuple(glyph_cp[g] for g in comps))
-    out = []
-    for glyph, seq in by_glyph.items():
-        if glyph not in strike:
-            continue
-        name = _name(seq)
-        if name is None:
-            continue
-        out.append((glyph, "-".join(f"{c:04X}" for c in seq), name))
+    out = [(glyph, "-".join(f"{c:04X}" for c in seq), _name(seq))
+           for glyph, seq in _pick(candidates, font.getGlyphID).items()]
     out.sort(key=lambda r: [int(c, 16) for c in r[1].split("-")])
     return tuple(out)
 
