@@ -114,9 +114,8 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
             shutil.rmtree(staging)
         else:
             # Build in a temp dir and rename at the end: a crash never leaves a half cache under the key.
+            _remove_stale_partials(root, key)
             tmp = root / f".{key}.partial-{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
             tmp.mkdir()
             staging.rename(tmp / "text_encoder")
             text = load_text_encoder(tmp / "text_encoder").eval()
@@ -128,7 +127,7 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
             ds = map_with_actors(ds, LatentEncoder,
                                  {"autoencoder_dir": autoencoder.directory,
                                   "text_encoder_dir": str(tmp / "text_encoder"), "resolution": resolution},
-                                 batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+                                 batch_size=cfg.batch_size, concurrency=cfg.concurrency, reserve_cpus=1)
             ds.write_webdataset(str(tmp / "shards"), encoder=None, min_rows_per_file=1024)
             shards = sorted(str(p.relative_to(tmp)) for p in (tmp / "shards").glob("*.tar"))
             first = _first_sample(tmp / shards[0])
@@ -157,6 +156,18 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
             latent_shape=manifest["latent_shape"], text_shape=manifest["text_shape"],
             autoencoder_hash=autoencoder.autoencoder_hash, autoencoder_version=autoencoder.model_version,
             dataset_hash=data.dataset_hash, run_id=run_id)
+
+
+def _remove_stale_partials(root: Path, key: str) -> None:
+    """Half-written caches of this key left by processes that no longer run (a crash, a kill)."""
+    for p in root.glob(f".{key}.partial-*"):
+        pid = int(p.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)   # still running (maybe another pipeline building the same key): leave it
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _first_sample(url) -> dict:
