@@ -64,7 +64,9 @@ class DataConfig:
 class AutoencoderStageConfig:
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     kl_weight: float = 1e-6         # weight of KL(q(z|x) || N(0, I)) against the L1 reconstruction
+    l2_weight: float = 0.0          # extra MSE reconstruction term (not in LDM; speeds up short runs)
     lr: float = 1e-3
+    adam_betas: tuple[float, ...] = (0.5, 0.9)  # LDM's; (0.9, 0.999) converges faster without a GAN
     batch_size: int = 32            # per worker
     max_steps: int = 1000           # optimizer steps (every rank takes the same number: no DDP hang)
     num_workers: int = 2            # Ray Train workers (DDP ranks)
@@ -75,8 +77,10 @@ class AutoencoderStageConfig:
 
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
-        if self.kl_weight < 0:
-            raise ConfigError(f"kl_weight: expected >= 0, got {self.kl_weight}")
+        if self.kl_weight < 0 or self.l2_weight < 0:
+            raise ConfigError(f"kl_weight/l2_weight: expected >= 0, got {self.kl_weight}/{self.l2_weight}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas: expected two numbers in [0, 1), got {list(self.adam_betas)}")
 
 
 @dataclass

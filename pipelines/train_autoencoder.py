@@ -46,8 +46,7 @@ def autoencoder_worker(c: dict) -> None:
     net = AutoencoderKL(AutoencoderConfig.from_dict(c["model"]))
     model = ray.train.torch.prepare_model(net)
     device = next(model.parameters()).device
-    # LDM's autoencoder betas: a short-memory Adam suits the adversarial phase added later.
-    opt = torch.optim.Adam(model.parameters(), lr=c["lr"], betas=(0.5, 0.9))
+    opt = torch.optim.Adam(model.parameters(), lr=c["lr"], betas=tuple(c["adam_betas"]))
     batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"])
     log = MetricLogger(c["tracking_uri"], c["run_id"]) if rank == 0 else None
     running: dict[str, float] = {}
@@ -55,7 +54,7 @@ def autoencoder_worker(c: dict) -> None:
         x = next(batches).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["precision"] == "bf16"):
             recon, posterior = model(x)
-        loss, logs = kl_autoencoder_loss(x, recon.float(), posterior, c["kl_weight"])
+        loss, logs = kl_autoencoder_loss(x, recon.float(), posterior, c["kl_weight"], c["l2_weight"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -121,7 +120,8 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
     out = ctx.stage_dir("autoencoder")
     tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["upstream_runs"]: data.run_id}
     with ctx.stage_run("autoencoder", cfg, tags) as run_id:
-        loop_cfg = {"model": cfg.model.to_dict(), "lr": cfg.lr, "kl_weight": cfg.kl_weight,
+        loop_cfg = {"model": cfg.model.to_dict(), "lr": cfg.lr, "kl_weight": cfg.kl_weight, "l2_weight": cfg.l2_weight,
+                    "adam_betas": list(cfg.adam_betas),
                     "batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "seed": cfg.seed,
                     "log_every": cfg.log_every, "scale_batches": cfg.scale_batches,
                     "resolution": cfg.model.resolution, "precision": cfg.precision, "train_urls": data.train_urls,

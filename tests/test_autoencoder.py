@@ -150,3 +150,14 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(logs["loss"])
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_l2_weight_adds_mse():
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    post = DiagonalGaussian(torch.zeros(2, 8, 2, 2))
+    base, _ = kl_autoencoder_loss(x, r, post, 0.0)
+    with_l2, logs = kl_autoencoder_loss(x, r, post, 0.0, l2_weight=3.0)
+    torch.testing.assert_close(with_l2, base + 3.0 * ((x - r) ** 2).mean())
+    with pytest.raises(ValueError, match="l2_weight"):
+        kl_autoencoder_loss(x, r, post, 0.0, l2_weight=-1.0)
