@@ -74,6 +74,7 @@ class AutoencoderStageConfig:
     seed: int = 0
     scale_batches: int = 8          # batches of train latents used to estimate the latent scale (1/std)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (fp32 weights); ~2.5x on AMX CPUs
+    preload_max_gb: float = 0.5     # a rank's image shards up to this size are decoded once into RAM
 
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
@@ -111,6 +112,7 @@ class DiffusionConfig:
     num_workers: int = 2            # Ray Train workers (DeepSpeed ranks)
     log_every: int = 50
     seed: int = 0
+    preload_max_gb: float = 2.0     # a rank's latent shards up to this size are decoded once into RAM
 
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every")

@@ -192,8 +192,7 @@ def rank_samples(urls: list[str], rank: int, world: int, seed: int, shuffle_buff
     count steps, not epochs, so uneven shard sizes never leave one rank waiting in an all-reduce.
     """
     rng = np.random.default_rng([seed, rank])
-    by_shard = len(urls) >= world
-    mine = urls[rank::world] if by_shard else list(urls)
+    mine, by_shard = _rank_urls(urls, rank, world)
     buffer: list[dict] = []
     while True:
         order = [mine[i] for i in rng.permutation(len(mine))]
@@ -207,9 +206,54 @@ def rank_samples(urls: list[str], rank: int, world: int, seed: int, shuffle_buff
                 yield buffer.pop(int(rng.integers(len(buffer))))
         if not seen:
             raise ShardError(f"rank {rank} of {world}: no samples in {mine}")
+        shuffle_buffer = min(shuffle_buffer, seen)   # a buffer larger than the data holds repeats
         if not repeat:
             break
         while len(buffer) > shuffle_buffer // 2:
             yield buffer.pop(int(rng.integers(len(buffer))))
     while buffer:
         yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def _rank_urls(urls: list[str], rank: int, world: int) -> tuple[list[str], bool]:
+    by_shard = len(urls) >= world
+    return (urls[rank::world] if by_shard else list(urls)), by_shard
+
+
+def _size(url: str) -> int:
+    if _is_remote(url):
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(fs.size(path))
+    return os.path.getsize(url.removeprefix("file://"))
+
+
+def rank_batches(urls: list[str], rank: int, world: int, seed: int, batch_size: int,
+                 to_arrays, preload_max_bytes: float = 2 ** 31) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled batches (dicts of stacked arrays) for one rank, forever.
+
+    `to_arrays(decoded_sample) -> {name: array}` gives fixed-shape arrays per sample. When this
+    rank's shards total at most `preload_max_bytes`, they are decoded once into memory and batches
+    are drawn by a fresh permutation each epoch: per-sample tar and header parsing otherwise costs
+    a fifth of a small model's step (measured with py-spy on the quickstart U-Net). Larger data
+    streams through `rank_samples` with a shuffle buffer.
+    """
+    mine, by_shard = _rank_urls(urls, rank, world)
+    if sum(_size(u) for u in mine) <= preload_max_bytes:
+        rows = [to_arrays(s) for s in rank_samples(urls, rank, world, seed, shuffle_buffer=1, repeat=False)]
+        if len(rows) < batch_size:
+            raise ShardError(f"rank {rank} of {world}: {len(rows)} samples, fewer than one batch of "
+                             f"{batch_size} in {mine}")
+        data = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        rng = np.random.default_rng([seed, rank, 1])
+        while True:
+            order = rng.permutation(len(rows))
+            for i in range(0, len(order) - batch_size + 1, batch_size):   # drop the ragged tail
+                idx = np.sort(order[i:i + batch_size])
+                yield {k: v[idx] for k, v in data.items()}
+    batch: list[dict] = []
+    for s in rank_samples(urls, rank, world, seed):
+        batch.append(to_arrays(s))
+        if len(batch) == batch_size:
+            yield {k: np.stack([b[k] for b in batch]) for k in batch[0]}
+            batch = []

@@ -19,12 +19,20 @@ from pipelines.tracking import TAG, MetricLogger
 __all__ = ["train_autoencoder", "autoencoder_worker", "image_batches"]
 
 
-def image_batches(urls, rank, world, batch_size, resolution, seed, repeat=True):
-    """(B, 3, R, R) float tensors in [-1, 1] for this rank, forever (or one pass)."""
+def image_batches(urls, rank, world, batch_size, resolution, seed, repeat=True, preload_max_bytes=2 ** 31):
+    """(B, 3, R, R) float tensors in [-1, 1] for this rank: forever (`repeat`) or one ordered pass."""
     import torch
-    from pipelines.shards import image_of, image_to_tensor_array, rank_samples
+    from pipelines.shards import image_of, image_to_tensor_array, rank_batches, rank_samples
+
+    if repeat:
+        # Kept as uint8 in memory; scaled to [-1, 1] per batch.
+        def arrays(s):
+            return {"x": ((image_to_tensor_array(image_of(s), resolution) + 1) * 127.5).round().astype(np.uint8)}
+        for b in rank_batches(urls, rank, world, seed, batch_size, arrays, preload_max_bytes):
+            yield torch.from_numpy(b["x"]).float() / 127.5 - 1.0
+        return
     batch = []
-    for s in rank_samples(urls, rank, world, seed, repeat=repeat):
+    for s in rank_samples(urls, rank, world, seed, repeat=False):
         batch.append(image_to_tensor_array(image_of(s), resolution))
         if len(batch) == batch_size:
             yield torch.from_numpy(np.stack(batch))
@@ -47,7 +55,8 @@ def autoencoder_worker(c: dict) -> None:
     model = ray.train.torch.prepare_model(net)
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"], betas=tuple(c["adam_betas"]))
-    batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"])
+    batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
+                            preload_max_bytes=c["preload_max_gb"] * 2 ** 30)
     log = MetricLogger(c["tracking_uri"], c["run_id"]) if rank == 0 else None
     running: dict[str, float] = {}
     for step in range(1, c["max_steps"] + 1):
@@ -124,7 +133,8 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
                     "adam_betas": list(cfg.adam_betas),
                     "batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "seed": cfg.seed,
                     "log_every": cfg.log_every, "scale_batches": cfg.scale_batches,
-                    "resolution": cfg.model.resolution, "precision": cfg.precision, "train_urls": data.train_urls,
+                    "resolution": cfg.model.resolution, "precision": cfg.precision,
+                    "preload_max_gb": cfg.preload_max_gb, "train_urls": data.train_urls,
                     "val_urls": data.val_urls, "tracking_uri": ctx.tracker.uri, "run_id": run_id}
         result = fit(autoencoder_worker, loop_cfg, num_workers=cfg.num_workers,
                      use_gpu=ctx.config.cluster.use_gpu, storage_path=str(ctx.output_dir / "ray_results"),

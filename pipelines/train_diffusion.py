@@ -24,19 +24,18 @@ __all__ = ["train_diffusion", "diffusion_worker", "latent_batches"]
 CKPT_TAG = "final"
 
 
-def latent_batches(urls, rank, world, batch_size, seed):
-    """Dicts of float32 tensors: mean/std (B, C, h, w), text (B, L, D), mask (B, L) bool; forever."""
+def _latent_arrays(s: dict) -> dict:
+    return {"mean": s["mean.npy"], "std": s["std.npy"], "text": s["text.npy"], "mask": s["mask.npy"]}
+
+
+def latent_batches(urls, rank, world, batch_size, seed, preload_max_bytes=2 ** 31):
+    """Dicts of tensors: mean/std (B, C, h, w) float32, text (B, L, D) float32, mask (B, L) bool."""
     import torch
-    from pipelines.shards import rank_samples
-    cols = ("mean.npy", "std.npy", "text.npy", "mask.npy")
-    batch: list[dict] = []
-    for s in rank_samples(urls, rank, world, seed):
-        batch.append(s)
-        if len(batch) == batch_size:
-            out = {c.split(".")[0]: torch.from_numpy(np.stack([b[c] for b in batch])) for c in cols}
-            out["text"] = out["text"].float()
-            yield out
-            batch = []
+    from pipelines.shards import rank_batches
+    for b in rank_batches(urls, rank, world, seed, batch_size, _latent_arrays, preload_max_bytes):
+        out = {k: torch.from_numpy(v) for k, v in b.items()}
+        out["text"] = out["text"].float()   # stored as float16 to halve the cache
+        yield out
 
 
 def _loss_module(denoiser):
@@ -88,7 +87,8 @@ def diffusion_worker(c: dict) -> None:
     null_mask = torch.from_numpy(null["mask"]).to(device)
     scale = c["scale_factor"]
     gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)  # different noise per rank
-    batches = latent_batches(c["train_urls"], rank, world, c["batch_size"], c["seed"])
+    batches = latent_batches(c["train_urls"], rank, world, c["batch_size"], c["seed"],
+                             c["preload_max_gb"] * 2 ** 30)
     log = MetricLogger(c["tracking_uri"], c["run_id"]) if rank == 0 else None
     running, n_run = 0.0, 0
     for step in range(1, c["max_steps"] + 1):
@@ -138,6 +138,7 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
                     "grad_clip": cfg.grad_clip, "cond_drop_prob": cfg.cond_drop_prob,
                     "ema_decay": cfg.ema_decay, "zero_stage": cfg.zero_stage,
                     "precision": cfg.precision, "log_every": cfg.log_every, "seed": cfg.seed,
+                    "preload_max_gb": cfg.preload_max_gb,
                     "use_gpu": ctx.config.cluster.use_gpu, "train_urls": cache.train_urls,
                     "null_text_file": cache.null_text_file, "scale_factor": cache.scale_factor,
                     "tracking_uri": ctx.tracker.uri, "run_id": run_id}

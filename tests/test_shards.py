@@ -73,3 +73,27 @@ def test_image_transform():
     arr = image_to_tensor_array(img, 32)
     assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
     assert np.allclose(arr[0], 1.0) and np.allclose(arr[1], -1.0)
+
+
+@pytest.mark.parametrize("preload", [2 ** 31, 0])
+def test_rank_batches_in_memory_and_streaming(tmp_path, preload):
+    from pipelines.shards import rank_batches
+    urls = []
+    for k in range(2):
+        _write(tmp_path / f"{k}.tar", _samples(8, offset=10 * k))
+        urls.append(str(tmp_path / f"{k}.tar"))
+    seen = []
+    for rank in range(2):
+        it = rank_batches(urls, rank, 2, seed=0, batch_size=4, preload_max_bytes=preload,
+                          to_arrays=lambda s: {"m": s["mean.npy"], "k": np.array(int(s["__key__"][1:]))})
+        for _ in range(4):   # two epochs of this rank's 8 samples
+            b = next(it)
+            assert b["m"].shape == (4, 4, 2, 2)
+            assert np.all(b["m"][:, 0, 0, 0] == b["k"])   # arrays of one sample stay together
+            seen += b["k"].tolist()
+    everything = [10 * k + i for k in range(2) for i in range(8)]
+    assert len(seen) == 32
+    if preload:   # in memory: every epoch is a permutation, so two epochs cover each sample twice
+        assert sorted(seen) == sorted(everything * 2)
+    else:         # streaming: a shuffle buffer, so only membership is certain
+        assert set(seen) <= set(everything) and len(set(seen)) >= 8
