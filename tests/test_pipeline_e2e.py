@@ -77,7 +77,7 @@ def test_model_registry_versions_and_aliases(pipeline):
     runs = _child_runs(res)
     ae = client.get_model_version_by_alias("ldmflow-autoencoder", "tiny")
     assert ae.run_id == runs["autoencoder"].info.run_id
-    assert ae.version == res.autoencoder.model_version
+    assert str(ae.version) == res.autoencoder.model_version
     assert ae.tags[TAG["dataset_hash"]] == res.data.dataset_hash
     unet = client.get_model_version_by_alias("ldmflow-unet", "tiny")
     assert unet.run_id == runs["diffusion"].info.run_id
