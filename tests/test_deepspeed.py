@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 on 2 CPU ranks under Ray Train: steps reduce the loss, every rank saves its
+"""DeepSpeed ZeRO (2 by default; 1 and 3 marked slow) on 2 CPU ranks under Ray Train: steps reduce the loss, every rank saves its
 partition, and zero_to_fp32 consolidates a state dict that loads strictly into a fresh U-Net."""
 import pytest
 import torch
@@ -44,17 +44,21 @@ def _zero_loop(c):
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
-    partitioned = engine.optimizer.single_partition_of_fp32_groups[0].numel()
     total = sum(p.numel() for p in den.parameters())
+    # ZeRO-1/2 keep this rank's slice of the fp32 master weights here; ZeRO-3 partitions elsewhere.
+    groups = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+    partitioned = groups[0].numel() if groups else -1
     with barrier_report_dir() as d:
         engine.save_checkpoint(d, tag="t")
         report({"first": losses[0], "last": losses[-1], "rank": rank, "world": world,
                 "partition": partitioned, "total": total}, d)
 
 
-def test_zero2_two_cpu_ranks(ray_local, tmp_path):
+@pytest.mark.parametrize("stage", [
+    pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_zero_two_cpu_ranks(ray_local, tmp_path, stage):
     ds = deepspeed_config(batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
-                          zero_stage=2, precision="fp32", on_gpu=False)
+                          zero_stage=stage, precision="fp32", on_gpu=False)
     import os
     result = fit(_zero_loop, {"unet": UNET, "ds": ds, "steps": 12}, num_workers=2, use_gpu=False,
                  storage_path=str(tmp_path), name="zero2",
@@ -62,8 +66,8 @@ def test_zero2_two_cpu_ranks(ray_local, tmp_path):
     m = result.metrics
     assert m["world"] == 2
     assert m["last"] < 0.8 * m["first"]
-    # ZeRO-2 shards the fp32 master weights / optimizer state: each rank holds about half.
-    assert m["partition"] <= m["total"] // 2 + 64
+    if stage in (1, 2):   # the fp32 master weights / optimizer state are sharded: about half each
+        assert 0 < m["partition"] <= m["total"] // 2 + 64
     with result.checkpoint.as_directory() as d:
         files = sorted(os.listdir(os.path.join(d, "t")))
         assert sum("optim_states" in f for f in files) == 2, files   # one partition per rank
