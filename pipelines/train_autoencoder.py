@@ -129,12 +129,8 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
     out = ctx.stage_dir("autoencoder")
     tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["upstream_runs"]: data.run_id}
     with ctx.stage_run("autoencoder", cfg, tags) as run_id:
-        loop_cfg = {"model": cfg.model.to_dict(), "lr": cfg.lr, "kl_weight": cfg.kl_weight, "l2_weight": cfg.l2_weight,
-                    "adam_betas": list(cfg.adam_betas),
-                    "batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "seed": cfg.seed,
-                    "log_every": cfg.log_every, "scale_batches": cfg.scale_batches,
-                    "resolution": cfg.model.resolution, "precision": cfg.precision,
-                    "preload_max_gb": cfg.preload_max_gb, "train_urls": data.train_urls,
+        # The worker gets the stage config as plain data, plus what it reads and where it logs.
+        loop_cfg = {**to_dict(cfg), "resolution": cfg.model.resolution, "train_urls": data.train_urls,
                     "val_urls": data.val_urls, "tracking_uri": ctx.tracker.uri, "run_id": run_id}
         result = fit(autoencoder_worker, loop_cfg, num_workers=cfg.num_workers,
                      use_gpu=ctx.config.cluster.use_gpu, storage_path=str(ctx.output_dir / "ray_results"),

@@ -14,7 +14,7 @@ import numpy as np
 
 from cluster.train import (barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, fit,
                            report, world_info)
-from pipelines.config import DiffusionConfig
+from pipelines.config import DiffusionConfig, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import DiffusionArtifact, LatentCacheArtifact, StageContext
 from pipelines.tracking import TAG, MetricLogger
@@ -132,14 +132,8 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
         raise ValueError(f"diffusion.unet.context_dim: expected the text encoder's width "
                          f"({cache.text_shape[1]}), got {cfg.unet.context_dim}")
     with ctx.stage_run("diffusion", cfg, tags) as run_id:
-        loop_cfg = {"unet": cfg.unet.to_dict(), "schedule": cfg.schedule.to_dict(), "lr": cfg.lr,
-                    "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-                    "max_steps": cfg.max_steps, "warmup_steps": cfg.warmup_steps,
-                    "grad_clip": cfg.grad_clip, "cond_drop_prob": cfg.cond_drop_prob,
-                    "ema_decay": cfg.ema_decay, "zero_stage": cfg.zero_stage,
-                    "precision": cfg.precision, "log_every": cfg.log_every, "seed": cfg.seed,
-                    "preload_max_gb": cfg.preload_max_gb,
-                    "use_gpu": ctx.config.cluster.use_gpu, "train_urls": cache.train_urls,
+        # The worker gets the stage config as plain data, plus what it reads and where it logs.
+        loop_cfg = {**to_dict(cfg), "use_gpu": ctx.config.cluster.use_gpu, "train_urls": cache.train_urls,
                     "null_text_file": cache.null_text_file, "scale_factor": cache.scale_factor,
                     "tracking_uri": ctx.tracker.uri, "run_id": run_id}
         result = fit(diffusion_worker, loop_cfg, num_workers=cfg.num_workers,
