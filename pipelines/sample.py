@@ -93,7 +93,6 @@ class PromptSampler:
         self.steps, self.guidance, self.eta = steps, guidance_scale, eta
         self.num_timesteps = schedule.num_timesteps
         self.alphas_cumprod = schedule.alphas_cumprod()
-        self.unet_dir = str(unet_dir)
         self.out_dir = Path(out_dir)
         (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
         self.latent_c = unet.config.in_channels
@@ -117,7 +116,9 @@ class PromptSampler:
                 ctx, mask = self.text.encode([prompts[j] for j in todo])
                 model = cfg_model(self.denoiser, self.guidance)
                 ts = ddim_timesteps(self.num_timesteps, self.steps)
-                gen = torch.Generator().manual_seed(seeds[todo[0]] + 1)  # eta > 0 only
+                # eta > 0 adds per-step noise, drawn here from the batch's first seed: an image is a
+                # function of its own seed alone only for eta = 0 (the default).
+                gen = torch.Generator().manual_seed(seeds[todo[0]] + 1)
                 z = sample_ddim(model, noise, ts, self.alphas_cumprod,
                                 extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
                                             "null_context": self.null_ctx, "null_mask": self.null_mask},

@@ -55,6 +55,7 @@ def autoencoder_worker(c: dict) -> None:
     model = ray.train.torch.prepare_model(net)
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"], betas=tuple(c["adam_betas"]))
+    torch.manual_seed(c["seed"] * 1000 + rank + 1)   # per-rank posterior samples from here on
     batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
                             preload_max_bytes=c["preload_max_gb"] * 2 ** 30)
     log = MetricLogger(c["tracking_uri"], c["run_id"]) if rank == 0 else None

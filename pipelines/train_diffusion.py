@@ -81,6 +81,9 @@ def diffusion_worker(c: dict) -> None:
                                            config=ds_cfg)
     dtype = torch.bfloat16 if c["precision"] == "bf16" else torch.float32
     ema = EMA(denoiser.net, decay=c["ema_decay"]) if c["ema_decay"] > 0 else None
+    # Same seed above for identical initial weights; from here each rank draws its own timesteps
+    # and noise in the loss, or the ranks would repeat each other's draws.
+    torch.manual_seed(c["seed"] * 1000 + rank + 1)
 
     null = np.load(c["null_text_file"])
     null_ctx = torch.from_numpy(null["states"]).float().to(device)
