@@ -33,7 +33,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     for k, v in (env or {}).items():
         os.environ.setdefault(k, v)   # the driver runs Ray Data operators in-process too
     if address is None:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": always a new Ray of our own, even when another one runs on this machine.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=log_to_driver,
                  configure_logging=True, logging_level="WARNING")
     else:

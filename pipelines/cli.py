@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as e:
         print(f"ldmflow: error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:   # Ray unreachable at --address / cluster.address
+        print(f"ldmflow: error: cannot reach the Ray cluster: {e} (try --address auto on a cluster "
+              f"node, or the head's address as `ray start` printed it)", file=sys.stderr)
+        return 2
     s = res.samples
     print(f"\nsamples:  {s.num_images} images in {s.directory}/images (grid: {s.grid})")
     print(f"manifest: {s.manifest}")

@@ -113,30 +113,38 @@ def _stage(ctx: StageContext, name: str, cls, fn):
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, data_only: bool = False) -> PipelineResult:
     """Run the DAG (or only its data stage) for `cfg`; see the module docstring for resume rules."""
     from cluster.runtime import ray_session
+
+    from cluster.runtime import worker_env
+
+    preflight(cfg, with_samples=not data_only)
+    out = Path(cfg.output_dir).resolve()
+    # Reach Ray first: an unreachable cluster fails before anything is written.
+    with ray_session(address or cfg.cluster.address, cfg.cluster.num_cpus,
+                     worker_env(cfg.cluster.torch_extensions_dir)):
+        resumed = _claim_output_dir(cfg, out)
+        ctx = _context(cfg, out, resumed)
+        return _run_stages(cfg, ctx, out, data_only)
+
+
+def _run_stages(cfg: PipelineConfig, ctx: StageContext, out: Path, data_only: bool) -> PipelineResult:
     from pipelines.cache_latents import cache_latents
     from pipelines.data import prepare_data
     from pipelines.sample import sample
     from pipelines.train_autoencoder import train_autoencoder
     from pipelines.train_diffusion import train_diffusion
 
-    preflight(cfg, with_samples=not data_only)
-    out = Path(cfg.output_dir).resolve()
-    resumed = _claim_output_dir(cfg, out)
-    ctx = _context(cfg, out, resumed)
     ok = False
     try:
-        with ray_session(address or cfg.cluster.address, cfg.cluster.num_cpus, ctx.env):
-            data = _stage(ctx, "data", DatasetArtifact, lambda: prepare_data(cfg.data, ctx))
-            res = PipelineResult(str(out), ctx.pipeline_run_id, ctx.tracker, data)
-            ctx.tracker.set_tags(ctx.pipeline_run_id, {TAG["dataset_hash"]: data.dataset_hash})
-            if data_only:
-                ok = True
-                return res
-            ae = _stage(ctx, "autoencoder", AutoencoderArtifact,
-                        lambda: train_autoencoder(cfg.autoencoder, data, ctx))
-            cache = _stage(ctx, "cache", LatentCacheArtifact, lambda: cache_latents(cfg.cache, data, ae, ctx))
-            diff = _stage(ctx, "diffusion", DiffusionArtifact, lambda: train_diffusion(cfg.diffusion, cache, ctx))
-            samples = _stage(ctx, "samples", SampleArtifact, lambda: sample(cfg.sample, diff, ae, cache, ctx))
+        data = _stage(ctx, "data", DatasetArtifact, lambda: prepare_data(cfg.data, ctx))
+        res = PipelineResult(str(out), ctx.pipeline_run_id, ctx.tracker, data)
+        ctx.tracker.set_tags(ctx.pipeline_run_id, {TAG["dataset_hash"]: data.dataset_hash})
+        if data_only:
+            ok = True
+            return res
+        ae = _stage(ctx, "autoencoder", AutoencoderArtifact, lambda: train_autoencoder(cfg.autoencoder, data, ctx))
+        cache = _stage(ctx, "cache", LatentCacheArtifact, lambda: cache_latents(cfg.cache, data, ae, ctx))
+        diff = _stage(ctx, "diffusion", DiffusionArtifact, lambda: train_diffusion(cfg.diffusion, cache, ctx))
+        samples = _stage(ctx, "samples", SampleArtifact, lambda: sample(cfg.sample, diff, ae, cache, ctx))
         ctx.tracker.set_tags(ctx.pipeline_run_id, {
             TAG["autoencoder_version"]: ae.model_version or "", TAG["latent_cache_key"]: cache.key,
             TAG["diffusion_version"]: diff.model_version or ""})

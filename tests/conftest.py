@@ -15,7 +15,7 @@ def ray_local():
     import ray
     from cluster.runtime import worker_env
     env = worker_env(os.environ["TORCH_EXTENSIONS_DIR"])
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                    runtime_env={"env_vars": env}, logging_level="WARNING")
     yield ctx
     ray.shutdown()

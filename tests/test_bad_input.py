@@ -107,3 +107,4 @@ def test_foreign_output_dir_is_left_alone(tmp_path, capsys):
     assert code == 2 and "not an ldmflow run directory" in err
     assert precious.read_text() == "do not touch"
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+
