@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,22 @@ class StageContext:
     pipeline_run_id: str
     code_version: str
     env: dict[str, str]
+
+    def train(self, loop, loop_cfg: dict, num_workers: int, name: str):
+        """Run a per-worker loop under Ray Train with this run's storage, GPU setting and worker env.
+        Returns (ray.train Result, its numeric metrics)."""
+        from cluster.train import fit
+        result = fit(loop, loop_cfg, num_workers=num_workers, use_gpu=self.config.cluster.use_gpu,
+                     storage_path=str(self.output_dir / "ray_results"), name=name, env=self.env)
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        return result, metrics
+
+    @staticmethod
+    def fresh_dir(path: Path) -> Path:
+        """`path`, emptied: a re-run replaces a stage's model directory whole."""
+        if path.exists():
+            shutil.rmtree(path)
+        return path
 
     def stage_dir(self, name: str) -> Path:
         d = self.output_dir / name

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 
-from cluster.train import barrier_report_dir, fit, report, world_info
+from cluster.train import barrier_report_dir, report, world_info
 from pipelines.config import AutoencoderStageConfig, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import AutoencoderArtifact, DatasetArtifact, StageContext
@@ -133,16 +133,11 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
         # The worker gets the stage config as plain data, plus what it reads and where it logs.
         loop_cfg = {**to_dict(cfg), "resolution": cfg.model.resolution, "train_urls": data.train_urls,
                     "val_urls": data.val_urls, "tracking_uri": ctx.tracker.uri, "run_id": run_id}
-        result = fit(autoencoder_worker, loop_cfg, num_workers=cfg.num_workers,
-                     use_gpu=ctx.config.cluster.use_gpu, storage_path=str(ctx.output_dir / "ray_results"),
-                     name=f"autoencoder-{run_id[:8]}", env=ctx.env)
-        model_dir = out / "model"
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
+        result, metrics = ctx.train(autoencoder_worker, loop_cfg, cfg.num_workers, f"autoencoder-{run_id[:8]}")
+        model_dir = ctx.fresh_dir(out / "model")
         with result.checkpoint.as_directory() as d:
             shutil.copytree(f"{d}/autoencoder", model_dir)
             shutil.copy(f"{d}/reconstructions.png", out / "reconstructions.png")
-        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         ae_hash = dir_hash(model_dir)
         ctx.tracker.log_metrics(run_id, metrics, step=cfg.max_steps)
         ctx.tracker.log_artifacts(run_id, model_dir, "autoencoder")

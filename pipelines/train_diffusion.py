@@ -12,8 +12,8 @@ import shutil
 
 import numpy as np
 
-from cluster.train import (barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, fit,
-                           report, world_info)
+from cluster.train import (barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
+                           world_info)
 from pipelines.config import DiffusionConfig, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import DiffusionArtifact, LatentCacheArtifact, StageContext
@@ -139,12 +139,8 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
         loop_cfg = {**to_dict(cfg), "use_gpu": ctx.config.cluster.use_gpu, "train_urls": cache.train_urls,
                     "null_text_file": cache.null_text_file, "scale_factor": cache.scale_factor,
                     "tracking_uri": ctx.tracker.uri, "run_id": run_id}
-        result = fit(diffusion_worker, loop_cfg, num_workers=cfg.num_workers,
-                     use_gpu=ctx.config.cluster.use_gpu, storage_path=str(ctx.output_dir / "ray_results"),
-                     name=f"diffusion-{run_id[:8]}", env=ctx.env)
-        model_dir = out / "model"
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
+        result, metrics = ctx.train(diffusion_worker, loop_cfg, cfg.num_workers, f"diffusion-{run_id[:8]}")
+        model_dir = ctx.fresh_dir(out / "model")
         model_dir.mkdir(parents=True)
         with result.checkpoint.as_directory() as d:
             state = consolidate_zero_checkpoint(d, CKPT_TAG)
@@ -160,7 +156,6 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
             {"latent_cache_key": cache.key, "scale_factor": cache.scale_factor,
              "latent_shape": cache.latent_shape, "text_shape": cache.text_shape,
              "autoencoder_hash": cache.autoencoder_hash}, indent=2))
-        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         d_hash = dir_hash(model_dir)
         ctx.tracker.log_artifacts(run_id, model_dir, "diffusion")
         lineage = {TAG["latent_cache_key"]: cache.key, TAG["diffusion_hash"]: d_hash,
