@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .checkpoint import check_int, config_from_dict, config_to_dict, load_state, save_module
 
-__all__ = ["LAYERS", "TextEncoder", "TextEncoderConfig", "load_text_encoder", "save_text_encoder"]
+__all__ = ["LAYERS", "TextEncoder", "TextEncoderConfig", "load_text_encoder", "save_text_encoder",
+           "text_state_from_clip"]
 
 LAYERS = ("last", "penultimate")
 # Top-level text-tower keys of an open_clip CLIP (non-custom-text) state dict.
@@ -130,7 +131,11 @@ def _text_state_dict(path: str, context_length: int) -> dict[str, Tensor]:
     from open_clip.factory import load_state_dict
 
     # .safetensors via safetensors, anything else via torch.load(weights_only=True); strips "module.".
-    sd = load_state_dict(path, device="cpu", weights_only=True)
+    return text_state_from_clip(load_state_dict(path, device="cpu", weights_only=True), context_length)
+
+
+def text_state_from_clip(sd: dict[str, Tensor], context_length: int) -> dict[str, Tensor]:
+    """The text-tower part of an open_clip CLIP/CustomTextCLIP state dict, keyed like a TextTransformer."""
     if any(k.startswith("text.") for k in sd):  # CustomTextCLIP / CoCa layout
         sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
     else:  # CLIP layout: text tower flattened at top level, beside visual.* (dropped)

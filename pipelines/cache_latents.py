@@ -20,7 +20,7 @@ import numpy as np
 from pipelines.config import CacheConfig, config_hash
 from pipelines.lineage import dir_hash
 from pipelines.shards import IMAGE_EXTS, TRANSFORMS, npy_bytes
-from pipelines.stage import AutoencoderArtifact, DatasetArtifact, LatentCacheArtifact, StageContext
+from pipelines.stage import AutoencoderArtifact, ClipArtifact, DatasetArtifact, LatentCacheArtifact, StageContext
 from pipelines.tracking import TAG
 
 __all__ = ["cache_latents", "LatentEncoder", "cache_key"]
@@ -80,17 +80,21 @@ def cache_key(*, autoencoder_hash: str, scale_factor: float, resolution: int, te
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
 
-def _prepare_text_encoder(cfg: CacheConfig, directory: Path) -> str:
-    """Build (or load pretrained) the text encoder once, save it, and return its content hash."""
+def _prepare_text_encoder(cfg: CacheConfig, directory: Path, clip: ClipArtifact | None) -> str:
+    """Stage the text encoder once (the CLIP stage's trained tower, else built or loaded pretrained
+    from cfg.text_encoder) and return its content hash."""
     from models.text import TextEncoder, save_text_encoder
     if directory.exists():
         shutil.rmtree(directory)
-    save_text_encoder(TextEncoder(cfg.text_encoder).eval(), directory)
+    if clip is not None:
+        shutil.copytree(clip.text_encoder_dir, directory)
+    else:
+        save_text_encoder(TextEncoder(cfg.text_encoder).eval(), directory)
     return dir_hash(directory)
 
 
 def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: AutoencoderArtifact,
-                  ctx: StageContext) -> LatentCacheArtifact:
+                  ctx: StageContext, clip: ClipArtifact | None = None) -> LatentCacheArtifact:
     import torch
     from cluster.inference import map_with_actors, read_shards
     from models.text import load_text_encoder
@@ -99,10 +103,13 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
     root.mkdir(parents=True, exist_ok=True)
     tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["autoencoder_hash"]: autoencoder.autoencoder_hash,
             TAG["autoencoder_version"]: autoencoder.model_version,
-            TAG["upstream_runs"]: f"{data.run_id},{autoencoder.run_id}"}
+            TAG["upstream_runs"]: ",".join(r for r in (data.run_id, autoencoder.run_id,
+                                                       clip.run_id if clip else None) if r)}
+    if clip is not None:
+        tags[TAG["text_encoder_version"]] = clip.model_version
     with ctx.stage_run("cache", cfg, tags) as run_id:
         staging = root / f".text-encoder-{config_hash(cfg.text_encoder)}-{os.getpid()}"
-        te_hash = _prepare_text_encoder(cfg, staging)
+        te_hash = _prepare_text_encoder(cfg, staging, clip)
         resolution = ctx.config.data.resolution
         key, parts = cache_key(autoencoder_hash=autoencoder.autoencoder_hash,
                                scale_factor=autoencoder.scale_factor, resolution=resolution,
@@ -139,12 +146,15 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
                                         "hash": autoencoder.autoencoder_hash,
                                         "model_version": autoencoder.model_version,
                                         "scale_factor": autoencoder.scale_factor},
-                        "text_encoder": {"config": cfg.text_encoder.to_dict(), "hash": te_hash},
+                        "text_encoder": {"config": cfg.text_encoder.to_dict(), "hash": te_hash,
+                                         "trained_by_run": clip.run_id if clip else None,
+                                         "model_version": clip.model_version if clip else None},
                         "dataset_hash": data.dataset_hash, "train_urls": data.train_urls}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             tmp.rename(cache_dir)
         manifest = json.loads(manifest_path.read_text())
-        ctx.tracker.set_tags(run_id, {TAG["latent_cache_key"]: key, "ldmflow.cache_reused": reused})
+        ctx.tracker.set_tags(run_id, {TAG["latent_cache_key"]: key, "ldmflow.cache_reused": reused,
+                                      TAG["text_encoder_hash"]: te_hash})
         ctx.tracker.log_dict(run_id, manifest, "manifest.json")
         ctx.tracker.log_metrics(run_id, {"num_samples": manifest["num_samples"],
                                          "num_shards": len(manifest["shards"])})
@@ -152,6 +162,7 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
             directory=str(cache_dir), key=key,
             train_urls=[str(cache_dir / s) for s in manifest["shards"]],
             num_samples=manifest["num_samples"], text_encoder_dir=str(cache_dir / "text_encoder"),
+            text_encoder_hash=te_hash,
             null_text_file=str(cache_dir / "null_text.npz"), scale_factor=autoencoder.scale_factor,
             latent_shape=manifest["latent_shape"], text_shape=manifest["text_shape"],
             autoencoder_hash=autoencoder.autoencoder_hash, autoencoder_version=autoencoder.model_version,

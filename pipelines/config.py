@@ -20,12 +20,13 @@ from typing import Any, Literal
 import yaml
 
 from models.autoencoder import AutoencoderConfig
+from models.clip import VisionTowerConfig
 from models.schedules import ScheduleConfig
 from models.text import TextEncoderConfig
 from models.unet import UNetConfig
 
 __all__ = [
-    "ConfigError", "PipelineConfig", "DataConfig", "AutoencoderStageConfig", "CacheConfig",
+    "ConfigError", "PipelineConfig", "DataConfig", "AutoencoderStageConfig", "CacheConfig", "ClipStageConfig",
     "DiffusionConfig", "SampleConfig", "TrackingConfig", "ClusterConfig",
     "load_config", "from_dict", "to_dict", "apply_overrides", "config_hash",
 ]
@@ -47,8 +48,19 @@ class DataConfig:
     font_path: str | None = None    # emoji: Noto Color Emoji .ttf; None = the Debian path
     train_urls: str | None = None   # shards: a directory, brace pattern or fsspec URL of train shards
     val_urls: str | None = None     # shards: the same for validation shards
+    # shapes: "color shape" pairs (e.g. "red triangle") that never appear in the training split, so
+    # text alignment can be measured on compositions the model has not seen (held-out prompts).
+    holdout: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.holdout:
+            if self.source != "shapes":
+                raise ConfigError(f"holdout: only for source 'shapes', got source {self.source!r}")
+            from pipelines.datasets.shapes import parse_pairs
+            try:
+                parse_pairs(self.holdout)
+            except ValueError as e:
+                raise ConfigError(f"holdout: {e}") from None
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution: expected a multiple of 8 >= 8, got {self.resolution}")
         for name in ("num_train", "num_val"):
@@ -96,6 +108,30 @@ class CacheConfig:
 
 
 @dataclass
+class ClipStageConfig:
+    """Contrastive pretraining of the text encoder (open_clip CLIP + ClipLoss) on the dataset's
+    image-caption pairs. The text tower trained is `cache.text_encoder` (random init from its seed);
+    the cache then encodes captions with the trained tower instead of a random one."""
+    enabled: bool = False
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)  # image_size follows data.resolution
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    batch_size: int = 128           # per worker; the contrastive batch is num_workers * batch_size
+    max_steps: int = 500
+    warmup_steps: int = 50          # linear warm-up, then cosine decay to 0
+    num_workers: int = 2            # Ray Train workers (DDP ranks; features gathered across ranks)
+    log_every: int = 25
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    preload_max_gb: float = 0.5
+
+    def __post_init__(self):
+        _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("weight_decay/warmup_steps: expected >= 0")
+
+
+@dataclass
 class DiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -113,18 +149,22 @@ class DiffusionConfig:
     log_every: int = 50
     seed: int = 0
     preload_max_gb: float = 2.0     # a rank's latent shards up to this size are decoded once into RAM
+    grad_accum: int = 1             # micro-batches per optimizer step; max_steps counts optimizer steps
+    checkpoint_every: int = 500     # optimizer steps between resumable checkpoints (0 = only the last)
+    max_failures: int = 2           # Ray Train restarts from the last checkpoint after a worker failure
+    stop_after_steps: int = 0       # test/ops hook: end after the checkpoint at this step (0 = never)
 
     def __post_init__(self):
-        _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every")
+        _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "grad_accum")
+        for name in ("checkpoint_every", "max_failures", "stop_after_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if not 0 <= self.cond_drop_prob < 1:
             raise ConfigError(f"cond_drop_prob: expected in [0, 1), got {self.cond_drop_prob}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay: expected in [0, 1), got {self.ema_decay}")
-        if self.ema_decay and self.zero_stage == 3:
-            # ZeRO-3 partitions the parameters; the EMA would have to gather them every step.
-            raise ConfigError("ema_decay: EMA is not supported with zero_stage 3 yet; set ema_decay: 0")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("warmup_steps/grad_clip: expected >= 0")
 
@@ -171,6 +211,7 @@ class PipelineConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderStageConfig = field(default_factory=AutoencoderStageConfig)
+    clip: ClipStageConfig = field(default_factory=ClipStageConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -189,6 +230,13 @@ class PipelineConfig:
         if self.diffusion.unet.out_channels != ae.z_channels:
             raise ConfigError(f"diffusion.unet.out_channels: expected autoencoder.model.z_channels "
                               f"({ae.z_channels}), got {self.diffusion.unet.out_channels}")
+        if self.clip.enabled:
+            if self.cache.text_encoder.pretrained is not None:
+                raise ConfigError("clip.enabled: trains the text encoder from scratch, but "
+                                  "cache.text_encoder.pretrained is set; disable one of them")
+            if self.clip.vision.image_size != self.data.resolution:
+                raise ConfigError(f"clip.vision.image_size: expected data.resolution "
+                                  f"({self.data.resolution}), got {self.clip.vision.image_size}")
 
 
 def _positive(obj, *names):
@@ -359,6 +407,11 @@ def _fill_defaults(data: dict) -> dict:
         unet.setdefault("context_dim", width)
     diff["unet"] = unet
     data["diffusion"] = diff
+    clip = dict(data.get("clip") or {})
+    vision = dict(clip.get("vision") or {})
+    vision.setdefault("image_size", res)
+    clip["vision"] = vision
+    data["clip"] = clip
     return data
 
 

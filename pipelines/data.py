@@ -21,10 +21,14 @@ from pipelines.tracking import TAG
 __all__ = ["prepare_data", "generate_split_plan", "check_shard"]
 
 
-def _make_source(cfg: DataConfig, split_seed: int):
+def _make_source(cfg: DataConfig, split_seed: int, split: str = "train"):
     from pipelines.datasets import SOURCES
     if cfg.source == "shapes":
-        return SOURCES["shapes"](resolution=cfg.resolution, seed=split_seed, max_objects=cfg.max_objects)
+        # Held-out compositions are kept out of training only; validation images may show them
+        # (the autoencoder's reconstruction metrics are not about composition).
+        holdout = cfg.holdout if split == "train" else ()
+        return SOURCES["shapes"](resolution=cfg.resolution, seed=split_seed, max_objects=cfg.max_objects,
+                                 holdout=holdout)
     return SOURCES["emoji"](resolution=cfg.resolution, seed=split_seed, font_path=cfg.font_path)
 
 
@@ -50,7 +54,7 @@ def generate_split_plan(cfg: DataConfig) -> dict[str, list[tuple[int, list[int]]
 def _write_generated_shard(cfg_dict: dict, source_seed: int, split: str, indices: list[int],
                            path: str) -> int:
     cfg = DataConfig(**cfg_dict)
-    source = _make_source(cfg, source_seed)
+    source = _make_source(cfg, source_seed, split)
 
     def samples():
         for i in indices:

@@ -1,4 +1,4 @@
-"""The pipeline DAG: data -> autoencoder -> latent cache -> diffusion -> samples.
+"""The pipeline DAG: data -> autoencoder (+ clip text encoder) -> latent cache -> diffusion -> samples.
 
 Stages hand their typed artifacts to each other explicitly. Each finished stage writes
 `artifact.json` last; re-running the same config in the same output directory resumes after the
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, config_hash, to_dict
 from pipelines.lineage import code_version, read_artifact_json, write_artifact_json
-from pipelines.stage import (AutoencoderArtifact, DatasetArtifact, DiffusionArtifact, LatentCacheArtifact,
-                             SampleArtifact, StageContext)
+from pipelines.stage import (AutoencoderArtifact, ClipArtifact, DatasetArtifact, DiffusionArtifact,
+                             LatentCacheArtifact, SampleArtifact, StageContext)
 from pipelines.tracking import TAG, Tracker
 
 __all__ = ["run_pipeline", "OutputDirError", "PipelineResult", "preflight"]
@@ -34,6 +34,7 @@ class PipelineResult:
     tracker: Tracker
     data: DatasetArtifact
     autoencoder: AutoencoderArtifact | None = None
+    clip: ClipArtifact | None = None
     cache: LatentCacheArtifact | None = None
     diffusion: DiffusionArtifact | None = None
     samples: SampleArtifact | None = None
@@ -131,6 +132,7 @@ def _run_stages(cfg: PipelineConfig, ctx: StageContext, out: Path, data_only: bo
     from pipelines.data import prepare_data
     from pipelines.sample import sample
     from pipelines.train_autoencoder import train_autoencoder
+    from pipelines.train_clip import train_clip
     from pipelines.train_diffusion import train_diffusion
 
     ok = False
@@ -142,7 +144,9 @@ def _run_stages(cfg: PipelineConfig, ctx: StageContext, out: Path, data_only: bo
             ok = True
             return res
         ae = _stage(ctx, "autoencoder", AutoencoderArtifact, lambda: train_autoencoder(cfg.autoencoder, data, ctx))
-        cache = _stage(ctx, "cache", LatentCacheArtifact, lambda: cache_latents(cfg.cache, data, ae, ctx))
+        clip = (_stage(ctx, "clip", ClipArtifact, lambda: train_clip(cfg.clip, data, ctx))
+                if cfg.clip.enabled else None)
+        cache = _stage(ctx, "cache", LatentCacheArtifact, lambda: cache_latents(cfg.cache, data, ae, ctx, clip))
         diff = _stage(ctx, "diffusion", DiffusionArtifact, lambda: train_diffusion(cfg.diffusion, cache, ctx))
         samples = _stage(ctx, "samples", SampleArtifact, lambda: sample(cfg.sample, diff, ae, cache, ctx))
         ctx.tracker.set_tags(ctx.pipeline_run_id, {
@@ -150,7 +154,7 @@ def _run_stages(cfg: PipelineConfig, ctx: StageContext, out: Path, data_only: bo
             TAG["diffusion_version"]: diff.model_version or ""})
         if samples.grid:
             ctx.tracker.log_artifact(ctx.pipeline_run_id, samples.grid, "images")
-        res.autoencoder, res.cache, res.diffusion, res.samples = ae, cache, diff, samples
+        res.autoencoder, res.clip, res.cache, res.diffusion, res.samples = ae, clip, cache, diff, samples
         ok = True
         return res
     finally:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from pipelines.config import PipelineConfig, config_hash, to_dict
 from pipelines.tracking import TAG, Tracker
 
-__all__ = ["StageContext", "DatasetArtifact", "AutoencoderArtifact", "LatentCacheArtifact",
+__all__ = ["StageContext", "DatasetArtifact", "AutoencoderArtifact", "ClipArtifact", "LatentCacheArtifact",
            "DiffusionArtifact", "SampleArtifact"]
 
 
@@ -38,12 +38,24 @@ class AutoencoderArtifact:
 
 
 @dataclass
+class ClipArtifact:
+    directory: str             # text_encoder/ (a TextEncoder dir) and clip/ (the whole CLIP)
+    text_encoder_dir: str      # what the latent cache encodes captions with
+    text_encoder_hash: str     # content hash of text_encoder/
+    dataset_hash: str
+    model_version: str | None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class LatentCacheArtifact:
     directory: str
     key: str                   # hash of (autoencoder hash, scale, resolution, transforms, text encoder, data)
     train_urls: list[str]
     num_samples: int
     text_encoder_dir: str      # the exact text encoder that made the states (and must encode prompts)
+    text_encoder_hash: str     # content hash of that directory (also part of `key`)
     null_text_file: str        # .npz with the empty caption's states and mask (classifier-free guidance)
     scale_factor: float
     latent_shape: list[int]    # (C, h, w)
@@ -83,14 +95,20 @@ class StageContext:
     code_version: str
     env: dict[str, str]
 
-    def train(self, loop, loop_cfg: dict, num_workers: int, name: str):
-        """Run a per-worker loop under Ray Train with this run's storage, GPU setting and worker env.
+    def train(self, loop, loop_cfg: dict, num_workers: int, name: str, **fit_kwargs):
+        """Run a per-worker loop under Ray Train with this run's storage, GPU setting and worker env
+        (`fit_kwargs`: cluster.train.fit's max_failures, num_to_keep).
         Returns (ray.train Result, its numeric metrics)."""
         from cluster.train import fit
         result = fit(loop, loop_cfg, num_workers=num_workers, use_gpu=self.config.cluster.use_gpu,
-                     storage_path=str(self.output_dir / "ray_results"), name=name, env=self.env)
+                     storage_path=str(self.ray_storage), name=name, env=self.env, **fit_kwargs)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         return result, metrics
+
+    @property
+    def ray_storage(self) -> Path:
+        """Where Ray Train persists this run's checkpoints (one subdirectory per run name)."""
+        return self.output_dir / "ray_results"
 
     @staticmethod
     def fresh_dir(path: Path) -> Path:

@@ -23,6 +23,8 @@ TAG = {
     "dataset_hash": "ldmflow.dataset_hash",
     "autoencoder_hash": "ldmflow.autoencoder_hash",
     "autoencoder_version": "ldmflow.autoencoder_model_version",
+    "text_encoder_hash": "ldmflow.text_encoder_hash",
+    "text_encoder_version": "ldmflow.text_encoder_model_version",
     "latent_cache_key": "ldmflow.latent_cache_key",
     "diffusion_hash": "ldmflow.diffusion_hash",
     "diffusion_version": "ldmflow.diffusion_model_version",

@@ -34,7 +34,7 @@ def _child_runs(res):
 def test_every_stage_is_a_finished_nested_run(pipeline):
     _, res = pipeline
     runs = _child_runs(res)
-    assert set(runs) == {"data", "autoencoder", "cache", "diffusion", "sample"}
+    assert set(runs) == {"data", "autoencoder", "clip", "cache", "diffusion", "sample"}
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert run.data.tags[TAG["pipeline"]] == "tiny"
@@ -62,12 +62,19 @@ def test_lineage_links(pipeline):
     # upstream run ids point at the runs that made the inputs
     assert runs["data"].info.run_id in t["autoencoder"][TAG["upstream_runs"]]
     assert runs["cache"].info.run_id in t["diffusion"][TAG["upstream_runs"]]
+    # the text encoder the cache used is the one the clip stage trained and registered
+    te_hash = t["clip"][TAG["text_encoder_hash"]]
+    assert t["cache"][TAG["text_encoder_hash"]] == te_hash == res.clip.text_encoder_hash
+    assert t["cache"][TAG["text_encoder_version"]] == t["clip"][TAG["text_encoder_version"]]
+    assert runs["clip"].info.run_id in t["cache"][TAG["upstream_runs"]]
+    assert t["clip"][TAG["dataset_hash"]] == ds_hash
     # the cache key records exactly what made the latents
     manifest = json.loads((Path(res.cache.directory) / "manifest.json").read_text())
     assert manifest["key"] == key
     assert manifest["key_parts"]["autoencoder_hash"] == ae_hash
     assert float(manifest["key_parts"]["scale_factor"]) == pytest.approx(res.autoencoder.scale_factor)
     assert manifest["key_parts"]["resolution"] == 32
+    assert manifest["key_parts"]["text_encoder_hash"] == te_hash
     assert "center_crop" in manifest["key_parts"]["transforms"]
 
 

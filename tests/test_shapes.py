@@ -109,3 +109,31 @@ def test_parse_structure():
 def test_bad_constructor_args(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ShapesSource(**kwargs)
+
+
+def test_holdout_pairs_never_in_training_and_always_in_heldout_prompts():
+    from pipelines.datasets.shapes import ShapesSource, caption_pairs
+    held = {("red", "triangle"), ("blue", "circle")}
+    train = ShapesSource(resolution=32, seed=3, max_objects=2, holdout=["red triangle", "blue circle"])
+    only = ShapesSource(resolution=32, seed=4, max_objects=2, holdout=["red triangle", "blue circle"],
+                        holdout_mode="only")
+    kinds = set()
+    for i in range(150):
+        assert not caption_pairs(train.sample(i).caption) & held
+        s = only.sample(i)
+        assert caption_pairs(s.caption) & held
+        kinds.add(s.meta["kind"])
+    assert kinds == {"single", "relation", "count"}
+
+
+def test_holdout_bad_input_names_the_pair():
+    import pytest
+    from pipelines.config import ConfigError, load_config
+    from pipelines.datasets.shapes import ShapesSource
+    with pytest.raises(ConfigError, match="data.holdout: 'purple circle'"):
+        load_config(data={"data": {"holdout": ["purple circle"]}})
+    with pytest.raises(ConfigError, match="data.holdout: only for source 'shapes'"):
+        load_config(data={"data": {"source": "emoji", "holdout": ["red circle"]}})
+    with pytest.raises(ValueError, match="nothing is left"):
+        ShapesSource(holdout=[f"{c} {s}" for c in ("red", "green", "blue", "yellow")
+                              for s in ("circle", "square", "triangle")])

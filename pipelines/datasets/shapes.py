@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 
 from pipelines.datasets import Sample
 
-__all__ = ["ShapesSource", "verify", "parse_caption", "caption_slots", "VOCABULARY", "PALETTE"]
+__all__ = ["ShapesSource", "verify", "parse_caption", "caption_slots", "caption_pairs", "parse_pairs",
+           "VOCABULARY", "PALETTE"]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 195, 20),
@@ -45,6 +46,27 @@ VOCABULARY: dict[str, list[str]] = {
 
 
 # ------------------------------------------------------------------------------------------ parse
+
+def parse_pairs(pairs) -> frozenset[tuple[str, str]]:
+    """("red triangle", ...) -> {("red", "triangle"), ...}; ValueError names a pair that is not
+    "<color> <shape>" from the vocabulary."""
+    out = set()
+    for p in pairs:
+        words = str(p).strip().lower().split()
+        if len(words) != 2 or words[0] not in PALETTE or words[1] not in SHAPES:
+            raise ValueError(f"{p!r}: expected '<color> <shape>' with color in {', '.join(PALETTE)} "
+                             f"and shape in {', '.join(SHAPES)}")
+        out.add((words[0], words[1]))
+    return frozenset(out)
+
+
+def caption_pairs(caption: str) -> set[tuple[str, str]]:
+    """The (color, shape) compositions a caption mentions."""
+    spec = parse_caption(caption)
+    if spec["kind"] == "count":
+        return {(spec["color"], spec["shape"])}
+    return {(o["color"], o["shape"]) for o in spec["objects"]}
+
 
 def _tokens(caption: str) -> list[str]:
     return caption.strip().lower().split()
@@ -212,13 +234,24 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, co
 class ShapesSource:
     """Infinite procedural source: sample(index) is a pure function of (seed, index)."""
 
-    def __init__(self, resolution: int = 32, seed: int = 0, max_objects: int = 2):
+    def __init__(self, resolution: int = 32, seed: int = 0, max_objects: int = 2,
+                 holdout=(), holdout_mode: str = "exclude"):
+        """holdout: "color shape" pairs; holdout_mode "exclude" never draws a caption that mentions
+        one (the training split), "only" draws only captions that mention one (held-out prompts)."""
         if not isinstance(resolution, int) or resolution < 16:
             raise ValueError(f"resolution must be an int >= 16, got {resolution!r}")
         if not isinstance(max_objects, int) or not 1 <= max_objects <= 3:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if holdout_mode not in ("exclude", "only"):
+            raise ValueError(f"holdout_mode must be 'exclude' or 'only', got {holdout_mode!r}")
+        self.holdout = parse_pairs(holdout)
+        if holdout_mode == "only" and not self.holdout:
+            raise ValueError("holdout: holdout_mode 'only' needs at least one pair")
+        if holdout_mode == "exclude" and len(self.holdout) == len(PALETTE) * len(SHAPES):
+            raise ValueError("holdout: every color-shape pair is held out; nothing is left to train on")
+        self.holdout_mode = holdout_mode
         self.resolution, self.seed, self.max_objects = resolution, seed, max_objects
         self.sizes = _sizes(resolution)
 
@@ -235,6 +268,8 @@ class ShapesSource:
             out = getattr(self, f"_{kind}")(rng)
             if out is not None:
                 image, caption, objects = out
+                if self.holdout and (self.holdout_mode == "only") != bool(caption_pairs(caption) & self.holdout):
+                    continue
                 if verify(image, caption):   # the generator's own guarantee, checked
                     return Sample(image=image, caption=caption,
                                   meta={"kind": kind, "objects": objects, "caption": caption})
