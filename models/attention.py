@@ -2,22 +2,47 @@
 
 `attention()` is the one place that picks a kernel: xformers' memory-efficient
 attention on CUDA when it is installed, torch's scaled_dot_product_attention
-otherwise. The modules above it only shape tensors.
+otherwise, and a plain math implementation where neither is there. All three
+compute the same function; `attention_backend("math")` (a context manager) or
+`set_attention_backend` force one, for tests and for debugging a kernel. The
+modules above it only shape tensors.
 
 Shapes: B batch, H heads, L sequence length (Lq queries, Lk keys), d head width.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attention", "norm", "CrossAttention", "SelfAttention2d"]
+__all__ = [
+    "AttentionBackend",
+    "ATTENTION_BACKENDS",
+    "attention",
+    "attention_backend",
+    "set_attention_backend",
+    "get_attention_backend",
+    "resolve_attention_backend",
+    "norm",
+    "CrossAttention",
+    "SelfAttention2d",
+]
+
+# "auto" picks per call (see resolve_attention_backend); the others force one kernel.
+AttentionBackend = Literal["auto", "xformers", "sdpa", "math"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+
+# Process-wide choice. A module global rather than an argument threaded through
+# every model: the kernel is a property of the run (debugging, tests), not of a net.
+_backend: str = "auto"
 
 
 @functools.cache
@@ -32,17 +57,82 @@ def _xformers_ops() -> ModuleType | None:
     return xformers.ops
 
 
+def _check_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    return name
+
+
+def set_attention_backend(name: AttentionBackend) -> None:
+    """Force one attention kernel for the whole process ("auto" restores the default choice)."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+def get_attention_backend() -> str:
+    """The current setting: "auto" or a forced backend."""
+    return _backend
+
+
+@contextlib.contextmanager
+def attention_backend(name: AttentionBackend) -> Iterator[None]:
+    """`with attention_backend("math"): ...` forces a kernel inside the block, then restores
+    the previous setting (nesting works; not thread-local)."""
+    global _backend
+    previous, _backend = _backend, _check_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def resolve_attention_backend(device: torch.device | str, masked: bool) -> str:
+    """The kernel `attention()` uses for tensors on `device` (with a key mask or not).
+
+    auto: xformers on CUDA when installed and there is no mask; SDPA when torch has
+    it; math otherwise. A forced backend that cannot run there raises ValueError.
+    """
+    device = torch.device(device)
+    has_sdpa = hasattr(F, "scaled_dot_product_attention")
+    if _backend == "auto":
+        if not masked and device.type == "cuda" and _xformers_ops() is not None:
+            return "xformers"
+        return "sdpa" if has_sdpa else "math"
+    if _backend == "xformers":
+        if device.type != "cuda" or _xformers_ops() is None:
+            raise ValueError(f"backend: xformers needs CUDA and the xformers package (tensors on {device})")
+        if masked:
+            # See attention(): our (B, Lk) mask would have to become a dense bias.
+            raise ValueError("backend: the xformers path takes no key mask; use sdpa or math for masked attention")
+    if _backend == "sdpa" and not has_sdpa:
+        raise ValueError("backend: this torch has no scaled_dot_product_attention")
+    return _backend
+
+
+def _math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out: the reference the fused kernels must equal."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    # Softmax in float32 (half-precision exp overflows and sums lose mass), then
+    # back. A row with every key masked is all -inf -> NaN; zero it, as SDPA does.
+    probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(v.dtype)
+    return probs @ v  # (B, H, Lq, d)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v.
 
     q: (B, H, Lq, d); k, v: (B, H, Lk, d); mask: optional (B, Lk) bool, True = keep
-    that key. Returns (B, H, Lq, d).
+    that key. Returns (B, H, Lq, d). The kernel is `resolve_attention_backend`'s.
 
     A query row whose keys are all masked out has no defined answer; torch's
-    kernels currently return zeros there. Callers keep at least one key per sample
-    (text encoders always emit a start token).
+    kernels and the math path return zeros there. Callers keep at least one key
+    per sample (text encoders always emit a start token).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -58,30 +148,28 @@ def attention(
                 f"mask: expected shape (B, Lk) = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}"
             )
 
-    # With a mask we stay on SDPA even when xformers is there: xformers wants the mask
+    # With a mask auto stays on SDPA even when xformers is there: xformers wants the mask
     # as a dense (B, H, Lq, Lk) additive bias with an 8-aligned last dim, which costs
     # the memory the kernel is meant to save, while SDPA takes the (B, 1, 1, Lk) bool
     # mask by broadcast and runs its own memory-efficient CUDA kernel on it.
-    if mask is None and q.is_cuda:
-        xops = _xformers_ops()
-        if xops is not None:
-            # xformers layout is (B, L, H, d); the transposes are views, not copies.
-            out = xops.memory_efficient_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            )
-            return out.transpose(1, 2)
-
+    backend = resolve_attention_backend(q.device, mask is not None)
+    if backend == "xformers":
+        # xformers layout is (B, L, H, d); the transposes are views, not copies.
+        out = _xformers_ops().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if backend == "math":
+        return _math_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk), True = attend
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as in LDM, or gcd(32, channels) for narrow or odd widths.
+def norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups (32 as in LDM), or gcd(groups, channels) for narrow or odd widths.
 
     gcd always divides `channels`, so tiny test models (8 or 12 channels) build
     without a special case; at the usual widths (multiples of 32) it is LDM's norm.
     """
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=eps, affine=True)
 
 
 class CrossAttention(nn.Module):

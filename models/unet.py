@@ -1,11 +1,14 @@
 """A compact Stable-Diffusion-style U-Net: eps/v/x0 network over latents, text-conditioned.
 
-Layout of guided-diffusion / LDM `UNetModel`: ResBlocks with a scale-shift
-timestep embedding, spatial transformers (self-attention, cross-attention to the
+Layout of guided-diffusion / LDM `UNetModel`: ResBlocks with a scale-shift (or, as
+in Stable Diffusion 1/2, additive) timestep embedding, spatial transformers (self-attention, cross-attention to the
 text states, GEGLU feed-forward) at chosen levels and in the middle, skip
 connections from every input block to the matching output block. Residual
 branches and the output conv start at zero, so the initial net outputs zeros and
 each block starts as the identity (guided-diffusion's `zero_module`).
+
+The same math as diffusers' `UNet2DConditionModel` for the configs it shares
+with us; `models.interop.diffusers_unet` converts weights both ways.
 
 The net knows nothing of the objective: what it predicts and how t is scaled is
 the business of the denoiser wrapper around it.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from models.attention import CrossAttention, norm
 from models.checkpoint import check_dropout, check_int, check_int_tuple, config_from_dict, config_to_dict
 
-__all__ = ["UNetConfig", "UNET_PRESETS", "UNet", "timestep_embedding"]
+__all__ = ["UNetConfig", "UNET_PRESETS", "UNet", "TimeConditioning", "timestep_embedding"]
+
+# How a ResBlock takes the time embedding: "scale_shift" = GroupNorm(h) * (1 + scale) + shift
+# (guided-diffusion, diffusers resnet_time_scale_shift="scale_shift"); "additive" =
+# GroupNorm(h + proj(emb)) (Stable Diffusion 1/2 checkpoints, diffusers "default").
+TimeConditioning = Literal["scale_shift", "additive"]
 
 
 @dataclass
@@ -37,11 +45,17 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 2)  # per level; the latent is downsampled 2 ** (len - 1) times
     num_res_blocks: int = 1  # ResBlocks per level on the way down (one more on the way up)
     attention_levels: tuple[int, ...] = (1, 2)  # level indices with spatial transformers (the middle always has one)
-    num_heads: int = 4  # attention heads; head width = level width // num_heads
+    num_heads: int = 4  # attention heads; head width = level width // num_heads (unless head_dim is set)
     context_dim: int = 512  # width of the text encoder's per-token states
     transformer_depth: int = 1  # transformer blocks per spatial transformer
     dropout: float = 0.0  # dropout in ResBlocks and feed-forwards
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
+    # Fields below default to the behaviour from before they existed, so older saved configs load unchanged.
+    head_dim: int | None = None  # fixed head width instead of num_heads (SD 2: 64); heads = level width // head_dim
+    time_conditioning: TimeConditioning = "scale_shift"  # how ResBlocks take the time embedding (see TimeConditioning)
+    norm_groups: int = 32  # GroupNorm groups: gcd(norm_groups, width), so narrow test widths still build
+    norm_eps: float = 1e-6  # GroupNorm eps in ResBlocks and the output norm (SD checkpoints: 1e-5); transformers keep 1e-6
+    channels_last: bool = False  # keep weights and activations in NHWC: faster convs on CUDA tensor cores / oneDNN
 
     def __post_init__(self):
         check_int("in_channels", self.in_channels)
@@ -57,16 +71,35 @@ class UNetConfig:
                 f"got {self.attention_levels}"
             )
         check_int("num_heads", self.num_heads)
+        if self.head_dim is not None:
+            check_int("head_dim", self.head_dim)
         check_int("context_dim", self.context_dim)
         check_int("transformer_depth", self.transformer_depth)
         self.dropout = check_dropout("dropout", self.dropout)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing: expected a bool, got {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.time_conditioning not in get_args(TimeConditioning):
+            raise ValueError(
+                f"time_conditioning: expected one of {', '.join(get_args(TimeConditioning))}, "
+                f"got {self.time_conditioning!r}"
+            )
+        check_int("norm_groups", self.norm_groups)
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
+        self.norm_eps = float(self.norm_eps)
         # Heads split each attended width evenly: the attention levels and the middle.
         for level in (*self.attention_levels, len(self.channel_mult) - 1):
             width = self.channels * self.channel_mult[level]
-            if width % self.num_heads:
+            if self.head_dim is not None:
+                if width % self.head_dim:
+                    raise ValueError(f"head_dim: {self.head_dim} does not divide the width {width} of level {level}")
+            elif width % self.num_heads:
                 raise ValueError(f"num_heads: {self.num_heads} does not divide the width {width} of level {level}")
+
+    def heads(self, width: int) -> int:
+        """Attention heads of a spatial transformer `width` channels wide."""
+        return self.num_heads if self.head_dim is None else width // self.head_dim
 
     @property
     def downsample_factor(self) -> int:
@@ -95,6 +128,10 @@ UNET_PRESETS: dict[str, Callable[..., UNetConfig]] = {
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32 (guided-diffusion's).
 
+    [cos, sin] halves with frequencies max_period ** (-i / half): diffusers'
+    `get_timestep_embedding` with flip_sin_to_cos=True, downscale_freq_shift=0
+    (tests/test_unet_diffusers.py checks it).
+
     Frequencies run from 1 to 1/max_period, which resolves t on the scale of
     discrete training steps (0..1000); continuous-time objectives scale t to that
     range in their wrapper.
@@ -115,22 +152,39 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """(B, cin, H, W), emb (B, E) -> (B, cout, H, W), the embedding as a scale and shift after the second norm."""
+    """(B, cin, H, W), emb (B, E) -> (B, cout, H, W).
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float):
+    The embedding enters at the second norm: as a scale and shift after it
+    ("scale_shift"), or added before it ("additive")."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        dropout: float,
+        time_conditioning: TimeConditioning = "scale_shift",
+        norm_groups: int = 32,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
-        self.in_norm = norm(in_channels)
+        self.scale_shift = time_conditioning == "scale_shift"
+        self.in_norm = norm(in_channels, norm_groups, norm_eps)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
-        self.out_norm = norm(out_channels)
+        self.emb_proj = nn.Linear(emb_dim, (2 if self.scale_shift else 1) * out_channels)
+        self.out_norm = norm(out_channels, norm_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_conv(F.silu(self.in_norm(x)))
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, cout, 1, 1) each
-        h = self.out_norm(h) * (1 + scale) + shift
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, 2 * cout or cout, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)  # (B, cout, 1, 1) each
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
         h = self.out_conv(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -170,9 +224,9 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on the text. (B, C, H, W) -> same."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, dropout: float):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, dropout: float, norm_groups: int = 32):
         super().__init__()
-        self.norm = norm(channels)
+        self.norm = norm(channels, norm_groups)  # eps 1e-6 whatever the ResBlocks use, as in LDM and diffusers
         # Linear projections (SD 2's use_linear_in_transformer): same as 1x1 convs,
         # applied in (B, HW, C) where the tokens already are.
         self.proj_in = nn.Linear(channels, channels)
@@ -231,14 +285,19 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(c.channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.num_heads, c.transformer_depth, c.context_dim, c.dropout)
+            return SpatialTransformer(
+                width, c.heads(width), c.transformer_depth, c.context_dim, c.dropout, c.norm_groups
+            )
+
+        def resblock(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, c.dropout, c.time_conditioning, c.norm_groups, c.norm_eps)
 
         self.input_blocks = nn.ModuleList([_Stage([nn.Conv2d(c.in_channels, c.channels, 3, padding=1)])])
         skip_widths, width = [c.channels], c.channels
         last = len(c.channel_mult) - 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(width, c.channels * mult, emb_dim, c.dropout)]
+                layers: list[nn.Module] = [resblock(width, c.channels * mult)]
                 width = c.channels * mult
                 if level in c.attention_levels:
                     layers.append(transformer(width))
@@ -249,7 +308,7 @@ class UNet(nn.Module):
                 skip_widths.append(width)
 
         self.middle_block = _Stage(
-            [ResBlock(width, width, emb_dim, c.dropout), transformer(width), ResBlock(width, width, emb_dim, c.dropout)]
+            [resblock(width, width), transformer(width), resblock(width, width)]
         )
 
         # Each output block takes one skip (popped in reverse); each level has one
@@ -257,7 +316,7 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                layers = [ResBlock(width + skip_widths.pop(), c.channels * mult, emb_dim, c.dropout)]
+                layers = [resblock(width + skip_widths.pop(), c.channels * mult)]
                 width = c.channels * mult
                 if level in c.attention_levels:
                     layers.append(transformer(width))
@@ -266,8 +325,10 @@ class UNet(nn.Module):
                 self.output_blocks.append(_Stage(layers))
         assert not skip_widths, "every skip connection is consumed"
 
-        self.out_norm = norm(width)
+        self.out_norm = norm(width, c.norm_groups, c.norm_eps)
         self.out_conv = _zero(nn.Conv2d(width, c.out_channels, 3, padding=1))
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)  # conv weights (O, I, kh, kw) stored NHWC-style
 
     def forward(
         self,
@@ -292,6 +353,9 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])  # one timestep for the whole batch, as samplers often pass
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},) or (), got {tuple(t.shape)}")
+
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # convs keep the format; cat of skips too
 
         # Sinusoids in float32, then the MLP's dtype (bf16 under DeepSpeed without autocast).
         emb = timestep_embedding(t, c.channels).to(self.time_embed[0].weight.dtype)
