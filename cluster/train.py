@@ -9,15 +9,22 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 __all__ = ["fit", "deepspeed_config", "worker_context", "report", "barrier_report_dir",
-           "world_info", "consolidate_zero_checkpoint"]
+           "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints"]
 
 
 def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu: bool,
-        storage_path: str, name: str, env: dict[str, str] | None = None):
+        storage_path: str, name: str, env: dict[str, str] | None = None, max_failures: int = 0,
+        num_to_keep: int | None = None):
     """Run `loop(config)` on `num_workers` Ray Train workers (torch process group made by Ray:
     gloo on CPU, nccl on GPU). Returns the ray.train Result; its `.checkpoint` is the last one
-    reported (every rank's files merged)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    reported (every rank's files merged).
+
+    max_failures: after a worker fails, Ray Train restarts the whole group this many times; the
+    loop then finds the last reported checkpoint in `ray.train.get_checkpoint()`. The same happens
+    when `name` is run again under the same `storage_path` (Ray Train restores the run's checkpoint
+    list), which is how a re-entered stage continues. num_to_keep: checkpoints kept on disk (None = all).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -25,10 +32,37 @@ def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
                              worker_runtime_env={"env_vars": dict(env or {})}),
     )
     return trainer.fit()
+
+
+def run_checkpoints(storage_path: str, name: str) -> list[str]:
+    """The checkpoint directories Ray Train persisted for run `name` under `storage_path`, oldest
+    first by name (Ray names them checkpoint_<timestamp>); [] when the run never reported one."""
+    run_dir = os.path.join(os.path.abspath(storage_path), name)
+    if not os.path.isdir(run_dir):
+        return []
+    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
+            if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))]
+
+
+@contextmanager
+def resume_checkpoint(explicit: str | None = None) -> Iterator[str | None]:
+    """Inside a worker: the directory to resume from, or None to start fresh.
+
+    Ray Train's own checkpoint comes first: after a worker failure (FailureConfig) or when the run
+    name was run before it is the newest state. Otherwise `explicit`, a checkpoint directory the
+    driver chose."""
+    import ray.train
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            yield d
+        return
+    yield explicit
 
 
 def world_info() -> tuple[int, int]:

@@ -229,7 +229,8 @@ def _size(url: str) -> int:
 
 
 def rank_batches(urls: list[str], rank: int, world: int, seed: int, batch_size: int,
-                 to_arrays, preload_max_bytes: float = 2 ** 31) -> Iterator[dict[str, np.ndarray]]:
+                 to_arrays, preload_max_bytes: float = 2 ** 31,
+                 start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled batches (dicts of stacked arrays) for one rank, forever.
 
     `to_arrays(decoded_sample) -> {name: array}` gives fixed-shape arrays per sample. When this
@@ -237,7 +238,13 @@ def rank_batches(urls: list[str], rank: int, world: int, seed: int, batch_size: 
     are drawn by a fresh permutation each epoch: per-sample tar and header parsing otherwise costs
     a fifth of a small model's step (measured with py-spy on the quickstart U-Net). Larger data
     streams through `rank_samples` with a shuffle buffer.
+
+    `start` skips that many batches (a resumed run's data position), giving exactly the batches an
+    uninterrupted iterator would give from there: in memory by replaying only the per-epoch
+    permutations, when streaming by reading and dropping the samples before it.
     """
+    if start < 0:
+        raise ValueError(f"start: expected >= 0, got {start}")
     mine, by_shard = _rank_urls(urls, rank, world)
     if sum(_size(u) for u in mine) <= preload_max_bytes:
         rows = [to_arrays(s) for s in rank_samples(urls, rank, world, seed, shuffle_buffer=1, repeat=False)]
@@ -246,13 +253,20 @@ def rank_batches(urls: list[str], rank: int, world: int, seed: int, batch_size: 
                              f"{batch_size} in {mine}")
         data = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         rng = np.random.default_rng([seed, rank, 1])
+        per_epoch = len(rows) // batch_size
+        for _ in range(start // per_epoch):   # whole epochs skipped: only their permutations drawn
+            rng.permutation(len(rows))
+        skip = (start % per_epoch) * batch_size
         while True:
             order = rng.permutation(len(rows))
-            for i in range(0, len(order) - batch_size + 1, batch_size):   # drop the ragged tail
+            for i in range(skip, len(order) - batch_size + 1, batch_size):   # drop the ragged tail
                 idx = np.sort(order[i:i + batch_size])
                 yield {k: v[idx] for k, v in data.items()}
+            skip = 0
     batch: list[dict] = []
-    for s in rank_samples(urls, rank, world, seed):
+    for j, s in enumerate(rank_samples(urls, rank, world, seed)):
+        if j < start * batch_size:
+            continue
         batch.append(to_arrays(s))
         if len(batch) == batch_size:
             yield {k: np.stack([b[k] for b in batch]) for k in batch[0]}

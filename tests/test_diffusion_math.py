@@ -382,8 +382,19 @@ def test_ema_bf16_module_buffers_copy_to_and_state_dict():
         ema.update(nn.Linear(4, 4))
 
 
-def test_ema_refuses_zero3_partitioned_params():
-    lin = nn.Linear(2, 2)
-    lin.weight.ds_id = 0  # what DeepSpeed ZeRO-3 tags its partitioned parameters with
-    with pytest.raises(RuntimeError, match="ZeRO-3"):
-        EMA(lin)
+def test_ema_follows_zero3_partition():
+    # ZeRO-3 parameters carry this rank's flat slice in ds_tensor (world 1 here: the whole flattened
+    # parameter); the EMA averages the slice and consolidated_state_dict() gives whole tensors.
+    # Two real ranks: tests/test_resume.py (ZeRO-3 EMA == ZeRO-2 EMA).
+    lin = nn.Linear(3, 2)
+    start = {k: v.detach().clone() for k, v in lin.named_parameters()}
+    for q in lin.parameters():
+        q.ds_tensor, q.ds_numel, q.ds_shape = q.detach().reshape(-1).clone(), q.numel(), q.shape
+    ema = EMA(lin, decay=0.5, warmup=False)
+    assert ema.shadow["weight"].shape == (6,) and ema.partitioned["weight"] == (6, (2, 3))
+    for q in lin.parameters():
+        q.ds_tensor.add_(1.0)
+    ema.update(lin)
+    full = ema.consolidated_state_dict()
+    assert torch.allclose(full["weight"], start["weight"] + 0.5, atol=1e-6)
+    assert torch.allclose(full["bias"], start["bias"] + 0.5, atol=1e-6)

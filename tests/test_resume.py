@@ -1,0 +1,164 @@
+"""The diffusion worker under DeepSpeed ZeRO on 2 CPU ranks: grad accumulation, bf16, EMA under
+ZeRO-3, and exact resume - a run interrupted after k steps (by the stop hook, or by a worker failure
+that Ray Train's FailureConfig restarts) ends with bit-identical U-Net, EMA and loss curve."""
+import json
+import os
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.train import consolidate_zero_checkpoint, fit
+from pipelines.config import DiffusionConfig, to_dict
+from pipelines.shards import npy_bytes, write_shard
+from pipelines.train_diffusion import (CKPT_TAG, LOSSES, META, ResumeMismatchError, check_resume,
+                                       diffusion_worker, latest_checkpoint, training_fingerprint)
+
+UNET = {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+        "num_heads": 2, "context_dim": 8, "in_channels": 4, "out_channels": 4}
+L, D = 3, 8   # text tokens, width
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """4 latent shards of 16 samples (2 shards a rank) and the empty caption's states."""
+    root = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(4):
+        rows = [{"__key__": f"s{s}{i:03d}",
+                 "mean.npy": npy_bytes(rng.normal(0.5, 1.0, (4, 8, 8)).astype(np.float32)),
+                 "std.npy": npy_bytes(np.full((4, 8, 8), 0.1, np.float32)),
+                 "text.npy": npy_bytes(rng.normal(0, 1, (L, D)).astype(np.float16)),
+                 "mask.npy": npy_bytes(np.array([True, True, i % 2 == 0]))} for i in range(16)]
+        write_shard(root / f"{s:03d}.tar", rows)
+        urls.append(str(root / f"{s:03d}.tar"))
+    null = root / "null.npz"
+    np.savez(null, states=np.zeros((L, D), np.float32), mask=np.array([True, False, False]))
+    return urls, str(null)
+
+
+def _loop_cfg(latents, **kw) -> dict:
+    urls, null = latents
+    hooks = {k: kw.pop(k) for k in list(kw) if k.startswith("_")}
+    from models.unet import UNetConfig
+    cfg = DiffusionConfig(**{"unet": UNetConfig.from_dict(UNET), "max_steps": 6, "batch_size": 4, "lr": 3e-3,
+                             "warmup_steps": 2, "grad_clip": 0.5, "ema_decay": 0.9, "log_every": 1,
+                             "checkpoint_every": 0, "grad_accum": 2, "num_workers": 2, **kw})
+    return {**to_dict(cfg), "use_gpu": False, "train_urls": urls, "null_text_file": null,
+            "scale_factor": 0.8, "tracking_uri": None, "run_id": None, "resume_from": None, **hooks}
+
+
+def _fit(tmp, name, c, max_failures=0):
+    return fit(diffusion_worker, c, num_workers=2, use_gpu=False, storage_path=str(tmp), name=name,
+               env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}, max_failures=max_failures)
+
+
+def _outcome(result) -> dict:
+    """Consolidated U-Net, EMA U-Net and loss curve of a run's last checkpoint."""
+    from models.checkpoint import load_state
+    with result.checkpoint.as_directory() as d:
+        state = consolidate_zero_checkpoint(d, CKPT_TAG)
+        unet = {k.removeprefix("denoiser.net."): v for k, v in state.items() if k.startswith("denoiser.net.")}
+        ema = load_state(os.path.join(d, "unet_ema"))[1] if os.path.isdir(os.path.join(d, "unet_ema")) else None
+        return {"unet": unet, "ema": ema, "losses": np.load(os.path.join(d, LOSSES)),
+                "meta": json.loads(open(os.path.join(d, META)).read()), "metrics": result.metrics}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].detach().float() - b[k].detach().float()).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------- fast: no Ray
+
+@pytest.mark.parametrize("preload", [2 ** 31, 0])
+def test_rank_batches_start_continues_the_sequence(latents, preload):
+    # 2 shards of 16 for this rank, batches of 4: 8 a epoch; start=11 is epoch 1, batch 3.
+    from pipelines.train_diffusion import latent_batches
+    urls, _ = latents
+    whole = list(islice(latent_batches(urls, 1, 2, 4, 0, preload), 14))
+    for start in (0, 3, 8, 11):
+        tail = list(islice(latent_batches(urls, 1, 2, 4, 0, preload, start=start), 14 - start))
+        assert all(torch.equal(x["mean"], y["mean"]) and torch.equal(x["mask"], y["mask"])
+                   for x, y in zip(whole[start:], tail, strict=True))
+
+
+def test_fingerprint_mismatch_names_the_fields(latents, tmp_path):
+    c = _loop_cfg(latents)
+    fp, part = training_fingerprint(c)
+    (tmp_path / META).write_text(json.dumps({"step": 3, "fingerprint": fp, "config": part}))
+    assert check_resume(str(tmp_path), {**c, "max_steps": 100, "log_every": 7})["step"] == 3  # not training-relevant
+    other = {**c, "batch_size": 8, "unet": {**c["unet"], "channels": 32}}
+    with pytest.raises(ResumeMismatchError, match=r"batch_size \(4 -> 8\).*unet\.channels \(16 -> 32\)"):
+        check_resume(str(tmp_path), other)
+    with pytest.raises(ResumeMismatchError, match="no meta.json"):
+        check_resume(str(tmp_path / "missing"), c)
+
+
+# ---------------------------------------------------------------- Ray Train, 2 CPU ranks
+
+def test_zero2_bf16_grad_accum_saves_and_consolidates(ray_local, latents, tmp_path):
+    # Default suite: ZeRO-2, bf16, 2 micro-batches per optimizer step, clipping, EMA, periodic checkpoints.
+    c = _loop_cfg(latents, zero_stage=2, precision="bf16", max_steps=3, checkpoint_every=2)
+    res = _fit(tmp_path, "z2bf16", c)
+    out = _outcome(res)
+    m = out["metrics"]
+    assert m["step"] == 3 and m["optimizer_steps"] == 3      # the step counter counts optimizer steps
+    assert m["micro_batches"] == 6 == out["meta"]["micro_batches_per_rank"]   # data: 2 per step
+    assert len(out["losses"]) == 3 and np.all(np.isfinite(out["losses"]))
+    assert all(torch.isfinite(v).all() for v in out["unet"].values())
+    from models.unet import UNet, UNetConfig
+    net = UNet(UNetConfig.from_dict(UNET))
+    net.load_state_dict(out["unet"], strict=True)
+    net.load_state_dict(out["ema"], strict=True)
+    assert out["ema"]["out_conv.weight"].dtype == torch.float32   # the EMA is fp32 under bf16 training
+    assert _max_diff(out["ema"], out["unet"]) > 0               # and it lags the weights
+    assert len(latest_checkpoint(str(tmp_path), "z2bf16")) and json.loads(
+        open(os.path.join(latest_checkpoint(str(tmp_path), "z2bf16"), META)).read())["step"] == 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, latents, tmp_path_factory):
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            c = _loop_cfg(latents, zero_stage=stage)
+            runs[stage] = _outcome(_fit(tmp_path_factory.mktemp(f"full{stage}"), f"full{stage}", c))
+        return runs[stage]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_interrupted_and_resumed_run_is_exact(ray_local, latents, tmp_path, uninterrupted, stage):
+    full = uninterrupted(stage)
+    assert full["metrics"]["step"] == 6 and len(full["losses"]) == 6
+    # 1. The stop hook ends the run after its step-2 checkpoint; a new run resumes from that path.
+    first = _fit(tmp_path, "part1", _loop_cfg(latents, zero_stage=stage, stop_after_steps=2))
+    assert first.metrics["step"] == 2
+    ckpt = latest_checkpoint(str(tmp_path), "part1")
+    resumed = _outcome(_fit(tmp_path, "part2", _loop_cfg(latents, zero_stage=stage, resume_from=ckpt)))
+    # 2. A worker fails after the step-3 checkpoint; Ray Train restarts the group from it.
+    restarted = _outcome(_fit(tmp_path, "failed", _loop_cfg(latents, zero_stage=stage, checkpoint_every=3,
+                                                            _fail_at_step=3), max_failures=1))
+    for run in (resumed, restarted):
+        assert run["metrics"]["step"] == 6
+        assert np.array_equal(run["losses"], full["losses"])
+        assert _max_diff(run["unet"], full["unet"]) == 0
+        assert _max_diff(run["ema"], full["ema"]) == 0
+    # 3. Resuming with another training config fails before any step, naming the field.
+    with pytest.raises(Exception, match=r"differs in: batch_size \(4 -> 2\)"):
+        _fit(tmp_path, "wrong", _loop_cfg(latents, zero_stage=stage, batch_size=2, resume_from=ckpt))
+
+
+@pytest.mark.slow
+def test_zero3_ema_matches_zero2(uninterrupted):
+    z2, z3 = uninterrupted(2), uninterrupted(3)
+    # Same seed, data and updates; only the reduction order of the gradients differs.
+    assert _max_diff(z3["unet"], z2["unet"]) < 1e-4
+    assert _max_diff(z3["ema"], z2["ema"]) < 1e-4
+    assert _max_diff(z3["ema"], z3["unet"]) > 1e-3   # the EMA is not just the weights
+    assert np.allclose(z3["losses"], z2["losses"], atol=1e-4)
