@@ -1,4 +1,5 @@
-"""Schedules, denoiser, DDIM, CFG, caption dropout, EMA: math checked against hand computations."""
+"""Schedules, denoiser, DDIM, CFG, caption dropout, EMA: math checked against hand computations.
+(Equivalence with diffusers: test_samplers_diffusers.py; objectives: test_objectives.py.)"""
 
 import math
 
@@ -8,10 +9,11 @@ from torch import nn
 
 from models.denoiser import EpsDenoiser, drop_conditioning
 from models.ema import EMA
-from models.samplers import cfg_model, ddim_timesteps, sample_ddim
+from models.samplers import SAMPLERS, cfg_model, ddim_timesteps, sample_ddim, sampler_timesteps
 from models.schedules import (
     SCHEDULES,
     ScheduleConfig,
+    alpha_bar_at,
     alphas_cumprod,
     cosine_betas,
     linear_betas,
@@ -162,18 +164,20 @@ def test_ddim_timesteps_properties():
         with pytest.raises(ValueError, match="^steps:"):
             ddim_timesteps(1000, bad)
     with pytest.raises(ValueError, match="^spacing:"):
-        ddim_timesteps(1000, 10, "linspace")
+        ddim_timesteps(1000, 10, "uniform")
 
 
 def oracle_model(x0_star, ac):
-    """eps predictor exact for a data distribution that is the single point x0*."""
+    """Exact for a data distribution that is the single point x0*, as an eps-predicting net wrapped
+    in EpsDenoiser (so the eps -> x0 conversion is exercised too)."""
 
-    def model(x, t, **extra):
-        # In float64 like the sampler: a float32 1 - a at small t is off by ~1e-4 relative.
-        a = ac[t].reshape(-1, *([1] * (x.ndim - 1)))
-        return ((x.double() - a.sqrt() * x0_star.double()) / (1 - a).sqrt()).to(x.dtype)
+    class EpsNet(nn.Module):
+        def forward(self, x, t, context=None, context_mask=None):
+            # In float64 like the sampler: a float32 1 - a at small t is off by ~1e-4 relative.
+            a = alpha_bar_at(ac, t).reshape(-1, *([1] * (x.ndim - 1)))  # fractional t: Euler/linspace
+            return ((x.double() - a.sqrt() * x0_star.double()) / (1 - a).sqrt()).to(x.dtype)
 
-    return model
+    return EpsDenoiser(EpsNet(), ac)
 
 
 # cosine runs in float64: its alpha_bar at t = 999 is 2.4e-9, and the eps -> x0 conversion
@@ -194,6 +198,20 @@ def test_ddim_recovers_point_mass_with_oracle(kind, dtype, eta):
             out = sample_ddim(model, x_T, ddim_timesteps(1000, steps, spacing), ac, eta=eta, generator=g)
             assert out.shape == x_T.shape and out.dtype == x_T.dtype
             assert torch.allclose(out, x0_star, atol=1e-4), (spacing, steps, (out - x0_star).abs().max())
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "euler"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_every_diffusion_sampler_recovers_point_mass(name, spacing):
+    # float64: cosine's alpha_bar_{T-1} = 2.4e-9 would amplify float32 rounding by 2e4 (see above).
+    ac = ScheduleConfig(kind="cosine").alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    x0_star = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    for steps in (1, 3, 25):
+        x_T = torch.randn(x0_star.shape, generator=g, dtype=torch.float64)
+        ts = sampler_timesteps(name, 1000, steps, spacing)
+        out = SAMPLERS[name](oracle_model(x0_star, ac), x_T, ts, ac, generator=g)
+        assert torch.allclose(out, x0_star, atol=1e-8), (steps, (out - x0_star).abs().max())
 
 
 def test_ddim_callback_extra_args_and_determinism():
@@ -225,9 +243,9 @@ def test_ddim_single_step_matches_eq12_by_hand():
     eps = torch.randn(1, 4, dtype=torch.float64)
     ts = torch.tensor([999, 499])
     seen = []
-    sample_ddim(lambda x_, t_: eps, x, ts, ac, callback=seen.append)
     a_t, a_p = ac[999].item(), ac[499].item()
     x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    sample_ddim(lambda x_, t_: x0, x, ts, ac, callback=seen.append)  # model contract: returns x0_hat
     assert torch.allclose(seen[0]["x"], math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps, atol=1e-12)
 
 
