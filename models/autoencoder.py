@@ -5,13 +5,18 @@ Images x in [-1, 1], (B, C, H, W), map to a diagonal Gaussian over latents
 sample back to pixels. The net is fully convolutional: any H, W divisible by f
 work; `resolution` only decides at which feature-map sizes attention is built.
 
-Layout follows LDM's `Encoder`/`Decoder` (taming-transformers lineage), so the
-architecture and its hyper-parameters transfer; parameter names do not match
-LDM checkpoints and no converter is provided.
+Layout follows LDM's `Encoder`/`Decoder` (taming-transformers lineage) layer for
+layer: GroupNorm (eps 1e-6) + SiLU ResNet blocks, stride-2 downsampling convs
+padded (0, 1, 0, 1), nearest upsampling + conv, num_res_blocks + 1 blocks per
+decoder level, single-head attention in the middle block (and optionally at
+`attn_resolutions`). Parameter names are our own; diffusers' `AutoencoderKL`
+has the same layout, and `models.interop.diffusers_autoencoder` maps weights
+1:1 both ways.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import SelfAttention2d, norm
+from models.attention import SelfAttention2d
 from models.checkpoint import (
     check_dropout,
     check_int,
@@ -36,13 +41,20 @@ __all__ = [
     "AutoencoderConfig",
     "AUTOENCODER_PRESETS",
     "DiagonalGaussian",
+    "AttnBlock",
     "Encoder",
     "Decoder",
     "AutoencoderKL",
     "kl_autoencoder_loss",
     "save_pretrained",
     "load_pretrained",
+    "load_state_checked",
 ]
+
+
+# LDM's Normalize(): GroupNorm with 32 groups, eps 1e-6, affine.
+LDM_NORM_GROUPS = 32
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -56,6 +68,11 @@ class AutoencoderConfig:
     mid_attention: bool = True  # self-attention in the middle block, at the latent resolution
     z_channels: int = 4  # latent channels; the encoder emits 2 * z_channels (mean and log-variance)
     dropout: float = 0.0  # dropout inside ResNet blocks
+    # GroupNorm groups: each norm over `width` channels uses gcd(norm_num_groups, width),
+    # i.e. exactly norm_num_groups (LDM: 32) at widths it divides, fewer for narrow test nets.
+    norm_num_groups: int = LDM_NORM_GROUPS
+    # Encoder output: 2 * z_channels (mean and log-variance, KL) or z_channels (VQ, LDM's double_z=False).
+    double_z: bool = True
 
     def __post_init__(self):
         check_int("in_channels", self.in_channels)
@@ -68,6 +85,9 @@ class AutoencoderConfig:
             raise ValueError(f"mid_attention: expected a bool, got {self.mid_attention!r}")
         check_int("z_channels", self.z_channels)
         self.dropout = check_dropout("dropout", self.dropout)
+        check_int("norm_num_groups", self.norm_num_groups)
+        if not isinstance(self.double_z, bool):
+            raise ValueError(f"double_z: expected a bool, got {self.double_z!r}")
         f = self.downsample_factor
         if self.resolution % f:
             raise ValueError(f"resolution: {self.resolution} is not divisible by the downsampling factor {f}")
@@ -80,6 +100,11 @@ class AutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels of each level, ch * ch_mult[i]."""
+        return tuple(self.ch * m for m in self.ch_mult)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -133,14 +158,19 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
+def group_norm(channels: int, groups: int = LDM_NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with gcd(groups, channels) groups: `groups` where it divides the width, as LDM."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=NORM_EPS, affine=True)
+
+
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv twice, plus a 1x1 shortcut when the width changes. (B, cin, H, W) -> (B, cout, H, W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = LDM_NORM_GROUPS):
         super().__init__()
-        self.norm1 = norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -173,6 +203,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
+class AttnBlock(SelfAttention2d):
+    """LDM's AttnBlock (single head, q/k/v fused in one 1x1 conv) with the config's norm groups.
+
+    (B, C, H, W) -> (B, C, H, W), residual. Parameter names are SelfAttention2d's.
+    """
+
+    def __init__(self, channels: int, norm_groups: int = LDM_NORM_GROUPS):
+        super().__init__(channels)
+        self.norm = group_norm(channels, norm_groups)
+
+
 class _Level(nn.Module):
     """ResNet blocks, each optionally followed by attention, then an optional resample."""
 
@@ -189,38 +230,43 @@ class _Level(nn.Module):
 
 
 class _MidBlock(nn.Module):
-    def __init__(self, channels: int, attention: bool, dropout: float):
+    def __init__(self, channels: int, attention: bool, dropout: float, norm_groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = SelfAttention2d(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.attn_1 = AttnBlock(channels, norm_groups) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Encoder(nn.Module):
-    """(B, in_channels, H, W) -> (B, 2 * z_channels, H/f, W/f): mean and log-variance stacked."""
+    """(B, in_channels, H, W) -> (B, 2 * z_channels, H/f, W/f): mean and log-variance stacked.
+
+    With config.double_z False: (B, z_channels, H/f, W/f), the VQ encoder's output.
+    """
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         c = config
+        g = c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
         levels, block_in, res = [], c.ch, c.resolution
         for i, mult in enumerate(c.ch_mult):
             block_out = c.ch * mult
             blocks, attns = [], []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, c.dropout))
-                attns.append(SelfAttention2d(block_out) if res in c.attn_resolutions else nn.Identity())
+                blocks.append(ResnetBlock(block_in, block_out, c.dropout, g))
+                attns.append(AttnBlock(block_out, g) if res in c.attn_resolutions else nn.Identity())
                 block_in = block_out
             last = i == len(c.ch_mult) - 1
             levels.append(_Level(blocks, attns, nn.Identity() if last else Downsample(block_in)))
             res = res if last else res // 2
         self.levels = nn.ModuleList(levels)
-        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout)
-        self.norm_out = norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels, 3, padding=1)
+        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout, g)
+        self.norm_out = group_norm(block_in, g)
+        out_channels = 2 * c.z_channels if c.double_z else c.z_channels
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -236,22 +282,24 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         c = config
+        g = c.norm_num_groups
         block_in = c.ch * c.ch_mult[-1]
         res = c.resolution // c.downsample_factor
         self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
-        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout)
+        self.mid = _MidBlock(block_in, c.mid_attention, c.dropout, g)
         levels = []  # in execution order: lowest resolution first
         for i in reversed(range(len(c.ch_mult))):
             block_out = c.ch * c.ch_mult[i]
             blocks, attns = [], []
             for _ in range(c.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, c.dropout))
-                attns.append(SelfAttention2d(block_out) if res in c.attn_resolutions else nn.Identity())
+                blocks.append(ResnetBlock(block_in, block_out, c.dropout, g))
+                attns.append(AttnBlock(block_out, g) if res in c.attn_resolutions else nn.Identity())
                 block_in = block_out
             levels.append(_Level(blocks, attns, Upsample(block_in) if i > 0 else nn.Identity()))
             res = res * 2 if i > 0 else res
         self.levels = nn.ModuleList(levels)
-        self.norm_out = norm(block_in)
+        self.norm_out = group_norm(block_in, g)
+        # The adaptive GAN weight (LDM's calculate_adaptive_weight) differentiates through this weight.
         self.conv_out = nn.Conv2d(block_in, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -264,6 +312,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
+        if not config.double_z:
+            raise ValueError("double_z: AutoencoderKL needs the encoder's mean and log-variance (double_z=True)")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -351,10 +401,42 @@ def save_pretrained(model: AutoencoderKL, directory, extra: dict[str, Any] | Non
     return save_module(model, model.config.to_dict(), directory, extra)
 
 
+def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`module.load_state_dict(state)`, strict, with a short ValueError naming the mismatch.
+
+    torch's own error lists every key; a checkpoint of another architecture (another
+    ch_mult, num_res_blocks, attention layout) differs in dozens, so name the counts,
+    the first few keys and the first shape mismatch instead.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        k, got, want = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {k}: weights {got}, model {want})")
+    if problems:
+        raise ValueError(f"state_dict: the weights do not fit this {what}: {'; '.join(problems)}")
+    module.load_state_dict(state)
+
+
 def load_pretrained(directory, map_location: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict[str, Any]]:
-    """Rebuild the autoencoder saved by `save_pretrained`: (model in eval mode, extra)."""
+    """Rebuild the autoencoder saved by `save_pretrained`: (model in eval mode, extra).
+
+    Weights that do not fit the saved config (another architecture's checkpoint, an
+    edited config.json) raise ValueError naming the mismatching keys.
+    """
     # Read onto the CPU where the fresh model is built, then move once.
     config_dict, state, extra = load_state(directory, "cpu")
     model = AutoencoderKL(AutoencoderConfig.from_dict(config_dict))
-    model.load_state_dict(state)  # strict: a mismatch means config and weights disagree
+    try:
+        load_state_checked(model, state, "AutoencoderKL")
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e} (config.json and model.safetensors disagree)") from None
     return model.to(map_location).eval(), extra

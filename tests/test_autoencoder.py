@@ -6,9 +6,12 @@ import torch
 
 from models.autoencoder import (
     AUTOENCODER_PRESETS,
+    AttnBlock,
     AutoencoderConfig,
     AutoencoderKL,
+    Decoder,
     DiagonalGaussian,
+    Encoder,
     kl_autoencoder_loss,
     load_pretrained,
     save_pretrained,
@@ -161,3 +164,60 @@ def test_l2_weight_adds_mse():
     torch.testing.assert_close(with_l2, base + 3.0 * ((x - r) ** 2).mean())
     with pytest.raises(ValueError, match="l2_weight"):
         kl_autoencoder_loss(x, r, post, 0.0, l2_weight=-1.0)
+
+
+def test_new_config_fields_validated_and_defaulted():
+    with pytest.raises(ValueError, match="^norm_num_groups:"):
+        tiny_config(norm_num_groups=0)
+    with pytest.raises(ValueError, match="^double_z:"):
+        tiny_config(double_z=1)
+    # A config.json written before these fields existed still loads, with LDM's values.
+    old = {k: v for k, v in tiny_config().to_dict().items() if k not in ("norm_num_groups", "double_z")}
+    config = AutoencoderConfig.from_dict(old)
+    assert config.norm_num_groups == 32 and config.double_z
+
+
+def test_architecture_layout():
+    config = tiny_config(ch=32, ch_mult=(1, 2), resolution=16, attn_resolutions=(8,), num_res_blocks=2)
+    model = AutoencoderKL(config)
+    attn = [name for name, m in model.named_modules() if isinstance(m, AttnBlock)]
+    # Encoder: 2 blocks at the 8x8 level; decoder: 3 (num_res_blocks + 1); one per mid block.
+    assert sorted(attn) == sorted(
+        ["encoder.levels.1.attns.0", "encoder.levels.1.attns.1", "encoder.mid.attn_1"]
+        + ["decoder.levels.0.attns.0", "decoder.levels.0.attns.1", "decoder.levels.0.attns.2", "decoder.mid.attn_1"]
+    )
+    assert [len(level.blocks) for level in model.decoder.levels] == [3, 3]
+    # Every norm: LDM's eps, norm_num_groups groups where it divides the width (32, 64).
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 and m.eps == 1e-6 for m in norms)
+    assert {m.num_groups for m in AutoencoderKL(tiny_config(norm_num_groups=4)).modules()
+            if isinstance(m, torch.nn.GroupNorm)} == {4}
+    # The adaptive GAN weight reads the decoder's last conv.
+    assert isinstance(model.decoder.conv_out, torch.nn.Conv2d) and model.decoder.conv_out.out_channels == 3
+    # Downsampling halves exactly with LDM's asymmetric pad: 16 -> 8.
+    assert model.encoder.levels[0].resample(torch.zeros(1, 32, 16, 16)).shape == (1, 32, 8, 8)
+
+
+def test_double_z_false_is_the_vq_encoder():
+    config = tiny_config(double_z=False)
+    assert Encoder(config)(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 4)
+    assert Decoder(config)(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="^double_z:"):
+        AutoencoderKL(config)
+
+
+def test_load_pretrained_rejects_weights_of_another_architecture(tmp_path):
+    save_pretrained(AutoencoderKL(tiny_config()), tmp_path / "ae")
+    # config.json edited (or copied from another run): the weights no longer fit.
+    config_path = tmp_path / "ae" / CONFIG_NAME
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "num_res_blocks": 2}))
+    with pytest.raises(ValueError, match=r"missing keys \(e\.g\. encoder\.levels\.0\.blocks\.1\."):
+        load_pretrained(tmp_path / "ae")
+    config_path.write_text(json.dumps({**saved, "ch": 16}))
+    with pytest.raises(ValueError, match=r"shape mismatches \(e\.g\. encoder\.conv_in\.weight: weights \(8, 3, 3, 3\), "
+                                         r"model \(16, 3, 3, 3\)"):
+        load_pretrained(tmp_path / "ae")
+    config_path.write_text(json.dumps({**saved, "attn_resolutions": []}))
+    with pytest.raises(ValueError, match=r"unexpected keys \(e\.g\. decoder\.levels\.1\.attns\.0\."):
+        load_pretrained(tmp_path / "ae")
