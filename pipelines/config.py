@@ -230,6 +230,14 @@ class PipelineConfig:
         if self.diffusion.unet.out_channels != ae.z_channels:
             raise ConfigError(f"diffusion.unet.out_channels: expected autoencoder.model.z_channels "
                               f"({ae.z_channels}), got {self.diffusion.unet.out_channels}")
+        te = self.cache.text_encoder
+        te_width = te.width or _text_width(te.model)
+        if self.diffusion.unet.context_dim != te_width:
+            raise ConfigError(f"diffusion.unet.context_dim: expected the text encoder's width ({te_width}, "
+                              f"cache.text_encoder), got {self.diffusion.unet.context_dim}")
+        if self.sample.steps > self.diffusion.schedule.num_timesteps:
+            raise ConfigError(f"sample.steps: at most diffusion.schedule.num_timesteps "
+                              f"({self.diffusion.schedule.num_timesteps}), got {self.sample.steps}")
         if self.clip.enabled:
             if self.cache.text_encoder.pretrained is not None:
                 raise ConfigError("clip.enabled: trains the text encoder from scratch, but "
@@ -237,6 +245,11 @@ class PipelineConfig:
             if self.clip.vision.image_size != self.data.resolution:
                 raise ConfigError(f"clip.vision.image_size: expected data.resolution "
                                   f"({self.data.resolution}), got {self.clip.vision.image_size}")
+
+
+def _text_width(model: str) -> int:
+    from models.text import _model_cfg
+    return int(_model_cfg(model)["text_cfg"].get("width", 512))
 
 
 def _positive(obj, *names):

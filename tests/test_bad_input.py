@@ -108,3 +108,14 @@ def test_foreign_output_dir_is_left_alone(tmp_path, capsys):
     assert precious.read_text() == "do not touch"
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
 
+
+
+def test_context_dim_and_sampler_steps_checked_before_any_work():
+    from pipelines.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"diffusion.unet.context_dim: expected the text encoder's width \(256"):
+        load_config(data={"cache": {"text_encoder": {"width": 256, "heads": 4}},
+                          "diffusion": {"unet": {"context_dim": 128}}})
+    with pytest.raises(ConfigError, match=r"diffusion.unet.context_dim: expected the text encoder's width \(512"):
+        load_config(data={"diffusion": {"unet": {"context_dim": 64}}})   # ViT-B-32's text width
+    with pytest.raises(ConfigError, match=r"sample.steps: at most diffusion.schedule.num_timesteps \(100\)"):
+        load_config(data={"diffusion": {"schedule": {"num_timesteps": 100}}, "sample": {"steps": 200}})
