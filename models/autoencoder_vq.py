@@ -89,7 +89,8 @@ class AutoencoderVQ(nn.Module):
         ae, q = config.autoencoder, config.quantizer
         self.encoder = Encoder(ae)
         self.decoder = Decoder(ae)
-        self.quant_conv = nn.Conv2d(2 * ae.z_channels, q.code_dim, 1)  # (B, 2z, h, w) -> (B, D, h, w)
+        # (B, 2z, h, w), or (B, z, h, w) with double_z=False as LDM's VQ configs -> (B, D, h, w)
+        self.quant_conv = nn.Conv2d(self.encoder.conv_out.out_channels, q.code_dim, 1)
         self.quantize = VectorQuantizer(q)
         self.post_quant_conv = nn.Conv2d(q.code_dim, ae.z_channels, 1)  # (B, D, h, w) -> (B, z, h, w)
 
