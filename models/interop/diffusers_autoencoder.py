@@ -77,22 +77,15 @@ def _check_scale(name: str, value: Any) -> float:
     return float(value)
 
 
-def diffusers_autoencoder_kl_kwargs(config: AutoencoderConfig, *, scale_factor: float = 1.0) -> dict[str, Any]:
-    """Keyword arguments for `diffusers.AutoencoderKL(**kwargs)` building the same net as `config`.
-
-    scale_factor: the latent scale (our checkpoint's extra["scale_factor"]), written to
-    diffusers' `scaling_factor`; 1.0 leaves latents unscaled.
-    """
-    scale_factor = _check_scale("scale_factor", scale_factor)
-    if not config.double_z:
-        raise ValueError("double_z: diffusers' AutoencoderKL encoder emits mean and log-variance (double_z=True)")
+def _network_kwargs(config: AutoencoderConfig, model: str) -> dict[str, Any]:
+    """The encoder/decoder part of the kwargs, shared by AutoencoderKL and VQModel."""
     if config.attn_resolutions:
         raise ValueError(
-            f"attn_resolutions: diffusers' AutoencoderKL has attention only in the middle block, "
+            f"attn_resolutions: diffusers' {model} has attention only in the middle block, "
             f"got {list(config.attn_resolutions)}"
         )
     if config.dropout:
-        raise ValueError(f"dropout: diffusers' AutoencoderKL has no dropout, got {config.dropout}")
+        raise ValueError(f"dropout: diffusers' {model} has no dropout, got {config.dropout}")
     if config.ch_mult[0] != 1:
         # LDM's conv_in outputs ch and level 0 widens to ch * ch_mult[0]; diffusers'
         # conv_in outputs block_out_channels[0] directly.
@@ -116,49 +109,68 @@ def diffusers_autoencoder_kl_kwargs(config: AutoencoderConfig, *, scale_factor: 
         latent_channels=config.z_channels,
         norm_num_groups=groups.pop(),
         sample_size=config.resolution,
-        scaling_factor=scale_factor,
-        use_quant_conv=True,
-        use_post_quant_conv=True,
         mid_block_add_attention=config.mid_attention,
     )
+
+
+def diffusers_autoencoder_kl_kwargs(config: AutoencoderConfig, *, scale_factor: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments for `diffusers.AutoencoderKL(**kwargs)` building the same net as `config`.
+
+    scale_factor: the latent scale (our checkpoint's extra["scale_factor"]), written to
+    diffusers' `scaling_factor`; 1.0 leaves latents unscaled.
+    """
+    scale_factor = _check_scale("scale_factor", scale_factor)
+    if not config.double_z:
+        raise ValueError("double_z: diffusers' AutoencoderKL encoder emits mean and log-variance (double_z=True)")
+    return {
+        **_network_kwargs(config, "AutoencoderKL"),
+        "scaling_factor": scale_factor,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+    }
 
 
 def _get(dconfig: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return dconfig[key] if key in dconfig else default
 
 
-def autoencoder_config_from_diffusers(dconfig: Mapping[str, Any]) -> AutoencoderConfig:
-    """Our AutoencoderConfig for a diffusers AutoencoderKL config (`model.config` or a plain dict).
+def _required(dconfig: Mapping[str, Any], key: str) -> Any:
+    if key not in dconfig:
+        raise ValueError(f"{key}: missing from the diffusers config")
+    return dconfig[key]
 
-    Missing keys take diffusers' defaults as of 0.42 only where the default is the LDM
-    layout; keys starting with "_" (diffusers bookkeeping) are ignored, other unknown
-    keys are an error: a newer diffusers setting might change the network.
+
+def _network_config_from_diffusers(dconfig: Mapping[str, Any], known: set[str]) -> dict[str, Any]:
+    """AutoencoderConfig fields for the encoder/decoder of a diffusers AutoencoderKL / VQModel config.
+
+    The network's keys are required (every saved diffusers config has them); settings
+    added in later diffusers versions default to their earlier behaviour. Keys starting
+    with "_" (diffusers bookkeeping) are ignored, other unknown keys are an error: a
+    newer setting might change the network.
     """
-    unknown = sorted(k for k in dconfig if not k.startswith("_") and k not in _KNOWN_DIFFUSERS_KEYS)
+    unknown = sorted(k for k in dconfig if not k.startswith("_") and k not in known)
     if unknown:
         raise ValueError(f"diffusers config: unknown settings {unknown}")
-    act = _get(dconfig, "act_fn", _ACT_FN)
+    act = _required(dconfig, "act_fn")
     if act != _ACT_FN:
         raise ValueError(f"act_fn: only {_ACT_FN!r} maps to our autoencoder, got {act!r}")
-    widths = tuple(_get(dconfig, "block_out_channels", (64,)))
+    widths = tuple(_required(dconfig, "block_out_channels"))
     if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
         raise ValueError(f"block_out_channels: expected positive ints, got {list(widths)}")
     for key, block in (("down_block_types", DOWN_BLOCK_TYPE), ("up_block_types", UP_BLOCK_TYPE)):
-        types = tuple(_get(dconfig, key, (block,)))
+        types = tuple(_required(dconfig, key))
         if types != (block,) * len(widths):
             raise ValueError(f"{key}: expected {len(widths)} x {block!r} (one per block_out_channels), got {list(types)}")
     ch = widths[0]
     if any(w % ch for w in widths):
         raise ValueError(f"block_out_channels: every width must be a multiple of the first, got {list(widths)}")
-    groups = _get(dconfig, "norm_num_groups", 32)
+    groups = _required(dconfig, "norm_num_groups")
     if not isinstance(groups, int) or groups < 1 or any(w % groups for w in widths):
         raise ValueError(f"norm_num_groups: expected a divisor of every width {list(widths)}, got {groups!r}")
-    in_channels = _get(dconfig, "in_channels", 3)
-    if _get(dconfig, "out_channels", 3) != in_channels:
-        raise ValueError(
-            f"out_channels: our decoder outputs in_channels ({in_channels}), got {_get(dconfig, 'out_channels', 3)}"
-        )
-    size = _get(dconfig, "sample_size", 32)
+    in_channels, out_channels = _required(dconfig, "in_channels"), _required(dconfig, "out_channels")
+    if out_channels != in_channels:
+        raise ValueError(f"out_channels: our decoder outputs in_channels ({in_channels}), got {out_channels}")
+    size = _required(dconfig, "sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
             raise ValueError(f"sample_size: expected an int or a square [n, n], got {list(size)}")
@@ -166,20 +178,25 @@ def autoencoder_config_from_diffusers(dconfig: Mapping[str, Any]) -> Autoencoder
     f = 2 ** (len(widths) - 1)
     if not isinstance(size, int) or size < 1 or size % f:
         raise ValueError(f"sample_size: expected a positive multiple of the downsampling factor {f}, got {size!r}")
-    _check_latent_normalisation(dconfig)
-    return AutoencoderConfig(
+    return dict(
         in_channels=in_channels,
         resolution=size,
         ch=ch,
         ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=_get(dconfig, "layers_per_block", 1),
+        num_res_blocks=_required(dconfig, "layers_per_block"),
         attn_resolutions=(),
         mid_attention=bool(_get(dconfig, "mid_block_add_attention", True)),
-        z_channels=_get(dconfig, "latent_channels", 4),
+        z_channels=_required(dconfig, "latent_channels"),
         dropout=0.0,
         norm_num_groups=groups,
-        double_z=True,
     )
+
+
+def autoencoder_config_from_diffusers(dconfig: Mapping[str, Any]) -> AutoencoderConfig:
+    """Our AutoencoderConfig for a diffusers AutoencoderKL config (`model.config` or a plain dict)."""
+    fields = _network_config_from_diffusers(dconfig, _KNOWN_DIFFUSERS_KEYS)
+    _check_latent_normalisation(dconfig)
+    return AutoencoderConfig(**fields, double_z=True)
 
 
 def _check_latent_normalisation(dconfig: Mapping[str, Any]) -> None:
