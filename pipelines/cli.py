@@ -3,6 +3,13 @@
     ldmflow run CONFIG [section.key=value ...] [--address ADDR]
     ldmflow data [CONFIG] [section.key=value ...]        # only the data stage
     ldmflow validate CONFIG [section.key=value ...]      # print the resolved config
+    ldmflow submit CONFIG [section.key=value ...] --address http://HEAD:8265 [--token T] [--wait]
+    ldmflow status|logs|stop JOB_ID --address http://HEAD:8265 [--follow]
+
+`submit` validates the config here, then ships it (resolved, with its prompts file) and the project
+code to the cluster with the Ray Jobs API; the job runs `ldmflow run` against the cluster. The Ray
+auth token comes from --token, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; the
+address from --address or $RAY_ADDRESS.
 
 Bad input (config, shards, prompts, font, output directory) exits with status 2 and one line that
 names what is wrong; nothing already written is changed.
@@ -40,11 +47,36 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="load and print the resolved config")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
+
+    def cluster_args(q):
+        q.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="Ray dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+        q.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN, ~/.ray/auth_token)")
+    sm = sub.add_parser("submit", help="submit the pipeline to a Ray cluster (Ray Jobs API)")
+    sm.add_argument("config")
+    sm.add_argument("overrides", nargs="*")
+    cluster_args(sm)
+    sm.add_argument("--code", choices=["ship", "image"], default="ship",
+                    help="ship this checkout's code with the job (default) or use the ldmflow installed "
+                         "in the cluster's image")
+    sm.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="MLflow server the job logs to (default: $MLFLOW_TRACKING_URI, else the config's)")
+    sm.add_argument("--submission-id", help="a job id of your choosing (resubmitting a failed pipeline "
+                                            "under a new id resumes it: finished stages are reused)")
+    sm.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 1 if it fails")
+    for name, help_ in (("status", "a job's status"), ("logs", "a job's driver log"), ("stop", "stop a job")):
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("job_id")
+        cluster_args(q)
+        if name == "logs":
+            q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd in ("submit", "status", "logs", "stop"):
+        return _jobs_command(args)
     from pipelines.config import ConfigError, load_config, to_dict
     from pipelines.run import OutputDirError, run_pipeline
     from pipelines.sample import PromptsError
@@ -80,6 +112,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mlflow:   {res.tracker.uri} (pipeline run {res.pipeline_run_id})")
     print(f"open the MLflow UI with:\n  {res.tracker.ui_command()}")
     return 0
+
+
+def _jobs_command(args) -> int:
+    from cluster.jobs import JobsError, job_logs, job_status, stop_job
+    from pipelines.config import ConfigError
+    if not args.address:
+        print("ldmflow: error: --address: the Ray dashboard address is required "
+              "(http://HEAD:8265, or set RAY_ADDRESS)", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "submit":
+            from pipelines.submit import submit_pipeline
+            job_id = submit_pipeline(_config_path(args.config), args.overrides, args.address, token=args.token,
+                                     code=args.code, tracking_uri=args.tracking_uri,
+                                     submission_id=args.submission_id)
+            print(f"submitted {job_id} to {args.address}")
+            print(f"  ldmflow logs {job_id} --follow --address {args.address}")
+            if not args.wait:
+                return 0
+            for chunk in job_logs(args.address, job_id, args.token, follow=True):
+                print(chunk, end="", flush=True)
+            st = job_status(args.address, job_id, args.token)
+            print(f"\njob {job_id}: {st['status']}" + (f" ({st['message']})" if st["message"] else ""))
+            return 0 if st["status"] == "SUCCEEDED" else 1
+        if args.cmd == "status":
+            print(json.dumps(job_status(args.address, args.job_id, args.token), indent=2, default=str))
+        elif args.cmd == "logs":
+            for chunk in job_logs(args.address, args.job_id, args.token, follow=args.follow):
+                print(chunk, end="", flush=True)
+        else:
+            stop_job(args.address, args.job_id, args.token)
+            print(f"stop requested for {args.job_id}")
+        return 0
+    except (JobsError, ConfigError, FileNotFoundError) as e:
+        print(f"ldmflow: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

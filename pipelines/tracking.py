@@ -53,9 +53,13 @@ class Tracker:
     def embedded(cls, output_dir: str | Path, uri: str | None, artifact_location: str | None,
                  experiment: str) -> "Tracker":
         out = Path(output_dir).resolve()
+        remote = bool(uri) and uri.startswith(("http://", "https://", "databricks"))
         uri = uri or f"sqlite:///{out / 'mlflow.db'}"
-        artifact_location = artifact_location or (out / "mlartifacts").as_uri()
-        return cls(uri=uri, artifact_location=artifact_location, experiment=experiment)
+        if artifact_location is None and not remote:
+            artifact_location = (out / "mlartifacts").as_uri()
+        # A tracking server decides its experiments' artifact location itself (with
+        # --serve-artifacts: mlflow-artifacts:/, proxied through the server): "" leaves it to it.
+        return cls(uri=uri, artifact_location=artifact_location or "", experiment=experiment)
 
     @property
     def client(self):
@@ -68,7 +72,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location or None)
 
     def start_run(self, name: str, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None) -> str:
@@ -126,6 +130,8 @@ class Tracker:
         return str(mv.version)
 
     def ui_command(self) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri} in a browser"
         art = self.artifact_location
         return f"mlflow ui --backend-store-uri {self.uri} --default-artifact-root {art}"
 
