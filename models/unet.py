@@ -117,11 +117,18 @@ class UNetConfig:
 # name -> factory (DiT_models style); keyword arguments override, e.g.
 # UNET_PRESETS["small"](context_dim=768). "base" is Stable Diffusion 1.x's layout
 # (mult 1,2,4,4; attention on the first three levels; 2 blocks; 8 heads) at 128
-# instead of 320 channels.
+# instead of 320 channels. "sd1" and "sd2" are the released Stable Diffusion U-Nets
+# exactly (860M parameters; load their weights with models.interop.diffusers_unet):
+# additive time conditioning and GroupNorm eps 1e-5 as they were trained; SD 2 has
+# 64-wide heads and OpenCLIP ViT-H's 1024-wide text states.
 UNET_PRESETS: dict[str, Callable[..., UNetConfig]] = {
     "tiny": partial(UNetConfig, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4),
     "small": partial(UNetConfig, channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2), num_heads=4),
     "base": partial(UNetConfig, channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=8),
+    "sd1": partial(UNetConfig, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                   num_heads=8, context_dim=768, time_conditioning="additive", norm_eps=1e-5),
+    "sd2": partial(UNetConfig, channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                   head_dim=64, context_dim=1024, time_conditioning="additive", norm_eps=1e-5),
 }
 
 

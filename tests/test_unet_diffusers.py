@@ -15,7 +15,7 @@ from models.interop.diffusers_unet import (  # noqa: E402
     unet_state_dict_to_diffusers,
     unet_to_diffusers,
 )
-from models.unet import UNet, UNetConfig, timestep_embedding  # noqa: E402
+from models.unet import UNET_PRESETS, UNet, UNetConfig, timestep_embedding  # noqa: E402
 
 B, L, CTX = 2, 6, 16
 
@@ -130,8 +130,7 @@ def test_sd1_style_diffusers_model_converts():
 
 def test_kwargs_for_sd1_layout():
     # Stable Diffusion 1.5's UNet config (its config.json, the fields we set) from our config.
-    cfg = UNetConfig(channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                     num_heads=8, context_dim=768, time_conditioning="additive", norm_eps=1e-5)
+    cfg = UNET_PRESETS["sd1"]()
     kw = diffusers_unet_kwargs(cfg)
     sd15 = dict(
         block_out_channels=(320, 640, 1280, 1280),
@@ -150,11 +149,11 @@ def test_kwargs_for_sd1_layout():
 
 def test_kwargs_head_dim_is_per_level_heads():
     # SD 2: fixed 64-wide heads -> attention_head_dim lists the head count per level.
-    cfg = UNetConfig(channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                     head_dim=64, context_dim=1024)
+    cfg = UNET_PRESETS["sd2"]()
     kw = diffusers_unet_kwargs(cfg)
     assert kw["attention_head_dim"] == (5, 10, 20, 20) and kw["use_linear_projection"]
-    assert unet_config_from_diffusers(kw).head_dim == 64
+    assert kw["cross_attention_dim"] == 1024 and kw["resnet_time_scale_shift"] == "default"
+    assert unet_config_from_diffusers(kw) == cfg
 
 
 def base_diffusers_config() -> dict:
@@ -217,3 +216,17 @@ def test_conversion_keeps_dtype_and_mode():
     assert next(back.parameters()).dtype == torch.bfloat16 and not back.training
     for key, value in ours.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name, params", [("sd1", 859_520_964), ("sd2", 865_910_724)])
+def test_sd_presets_have_the_released_shapes(name, params):
+    # Built on the meta device (shapes only, no memory): every parameter maps to the
+    # diffusers model of the same config with the same shape, and the totals are
+    # the released Stable Diffusion 1.x / 2.x U-Nets'.
+    cfg = UNET_PRESETS[name]()
+    with torch.device("meta"):
+        ours = UNet(cfg)
+        theirs = UNet2DConditionModel(**diffusers_unet_kwargs(cfg))
+    assert sum(p.numel() for p in ours.parameters()) == params
+    mapped = {k: v.shape for k, v in unet_state_dict_to_diffusers(ours.state_dict(), cfg).items()}
+    assert mapped == {k: v.shape for k, v in theirs.state_dict().items()}
