@@ -27,6 +27,9 @@ Things to know when comparing the two:
 - SD 1.x transformers use 1x1 conv projections (use_linear_projection=False); a
   1x1 conv is our linear layer with the weight reshaped (C, C, 1, 1) -> (C, C), so
   those checkpoints load, and convert back with use_linear_projection=True.
+- `upcast_attention` (SD 2.1) and `sample_size` are accepted and dropped: the first
+  only chooses the precision of the attention scores (our SDPA/math kernels
+  accumulate in float32 anyway), the second is a default image size, not weights.
 
 diffusers is imported only inside `unet_to_diffusers`, `unet_from_diffusers` and
 `unet_config_from_diffusers` (for its defaults).
