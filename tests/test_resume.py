@@ -41,13 +41,13 @@ def latents(tmp_path_factory):
 
 def _loop_cfg(latents, **kw) -> dict:
     urls, null = latents
-    hooks = {k: kw.pop(k) for k in list(kw) if k.startswith("_")}
+    loop_only = {k: kw.pop(k) for k in list(kw) if k.startswith("_") or k == "resume_from"}
     from models.unet import UNetConfig
     cfg = DiffusionConfig(**{"unet": UNetConfig.from_dict(UNET), "max_steps": 6, "batch_size": 4, "lr": 3e-3,
                              "warmup_steps": 2, "grad_clip": 0.5, "ema_decay": 0.9, "log_every": 1,
                              "checkpoint_every": 0, "grad_accum": 2, "num_workers": 2, **kw})
     return {**to_dict(cfg), "use_gpu": False, "train_urls": urls, "null_text_file": null,
-            "scale_factor": 0.8, "tracking_uri": None, "run_id": None, "resume_from": None, **hooks}
+            "scale_factor": 0.8, "tracking_uri": None, "run_id": None, "resume_from": None, **loop_only}
 
 
 def _fit(tmp, name, c, max_failures=0):
