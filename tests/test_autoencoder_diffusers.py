@@ -4,16 +4,23 @@ import diffusers
 import pytest
 import torch
 
-from models.autoencoder import AutoencoderConfig, AutoencoderKL, load_pretrained, save_pretrained
+from models.autoencoder import AutoencoderConfig, AutoencoderKL, load_pretrained, load_state_checked, save_pretrained
+from models.autoencoder_vq import AutoencoderVQ, AutoencoderVQConfig
 from models.interop.diffusers_autoencoder import (
     autoencoder_config_from_diffusers,
     autoencoder_kl_from_diffusers,
     autoencoder_kl_state_dict_from_diffusers,
     autoencoder_kl_state_dict_to_diffusers,
     autoencoder_kl_to_diffusers,
+    autoencoder_vq_config_from_diffusers,
+    autoencoder_vq_from_diffusers,
+    autoencoder_vq_state_dict_from_diffusers,
+    autoencoder_vq_to_diffusers,
     diffusers_autoencoder_kl_kwargs,
+    diffusers_vq_model_kwargs,
     scale_factor_from_diffusers,
 )
+from models.quantize import QuantizerConfig
 
 # Two tiny LDM layouts: f = 2 with one block per level, f = 4 with two.
 CONFIGS = {
@@ -206,10 +213,89 @@ def test_diffusers_model_with_another_block_layout_is_refused():
 
 
 def test_weights_of_another_architecture_name_the_mismatch():
-    from models.autoencoder import load_state_checked
-
     theirs = diffusers.AutoencoderKL(**{**BASE_DIFFUSERS, "layers_per_block": 2})
     state = autoencoder_kl_state_dict_from_diffusers(theirs.state_dict())
     ours = AutoencoderKL(AutoencoderConfig(**CONFIGS["f2-1block"]))  # num_res_blocks 1
     with pytest.raises(ValueError, match=r"unexpected keys \(e\.g\. encoder\.levels\.0\.blocks\.1\."):
         load_state_checked(ours, state, "AutoencoderKL")
+
+
+# --------------------------------------------------------------------------- VQModel
+
+def vq_config(name: str, **quantizer) -> AutoencoderVQConfig:
+    # LDM's VQ layout: the encoder emits z_channels (double_z=False); codes of width 3.
+    return AutoencoderVQConfig(AutoencoderConfig(**CONFIGS[name], double_z=False),
+                               QuantizerConfig(**{"codebook_size": 16, "code_dim": 3, **quantizer}))
+
+
+def assert_same_vq_outputs(ours: AutoencoderVQ, theirs: diffusers.VQModel, seed: int = 0) -> None:
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        h = ours.encode(x)  # (B, code_dim, h, w), pre-quantisation
+        torch.testing.assert_close(h, theirs.encode(x).latents, atol=ATOL, rtol=RTOL)
+        # The same codes are picked (both nearest in Euclidean distance)...
+        idx = ours.quantize(h, update=False).indices.flatten()
+        _, _, (_, _, their_idx) = theirs.quantize(h)
+        assert torch.equal(idx, their_idx.flatten()) and idx.unique().numel() > 1
+        # ...and both decoders agree with and without the codebook.
+        torch.testing.assert_close(ours.decode(h), theirs.decode(h).sample, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ours.decode(h, quantize=False), theirs.decode(h, force_not_quantize=True).sample,
+                                   atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_vq_both_ways_same_outputs(name):
+    ours = randomise_(AutoencoderVQ(vq_config(name)), seed=6)
+    theirs = autoencoder_vq_to_diffusers(ours, scale_factor=0.4)
+    assert theirs.config.num_vq_embeddings == 16 and theirs.config.vq_embed_dim == 3
+    assert scale_factor_from_diffusers(theirs) == pytest.approx(0.4)
+    assert_same_vq_outputs(ours, theirs)
+    back = autoencoder_vq_from_diffusers(theirs)
+    assert back.config == ours.config
+    assert_state_dicts_equal(back.state_dict(), ours.state_dict())
+
+    theirs = randomise_(diffusers.VQModel(**diffusers_vq_model_kwargs(vq_config(name))), seed=7)
+    ours = autoencoder_vq_from_diffusers(theirs)
+    assert_same_vq_outputs(ours, theirs, seed=1)
+    assert_state_dicts_equal(autoencoder_vq_to_diffusers(ours).state_dict(), theirs.state_dict())
+
+
+def test_vq_default_embed_dim_and_training_state():
+    kwargs = {**diffusers_vq_model_kwargs(vq_config("f2-1block")), "vq_embed_dim": None}
+    config = autoencoder_vq_config_from_diffusers(kwargs)
+    assert config.quantizer.code_dim == config.autoencoder.z_channels == 4  # None -> latent_channels
+    # EMA statistics and the dead-code clock are ours alone: dropped on export.
+    ours = AutoencoderVQ(vq_config("f2-1block", ema=True))
+    theirs = autoencoder_vq_to_diffusers(ours)
+    assert torch.equal(theirs.quantize.embedding.weight, ours.quantize.codebook)
+    assert not any(k.startswith("quantize.") and k != "quantize.codebook"
+                   for k in autoencoder_vq_state_dict_from_diffusers(theirs.state_dict()))
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        (AutoencoderVQConfig(AutoencoderConfig(**CONFIGS["f2-1block"]), QuantizerConfig(code_dim=3)), "double_z"),
+        (vq_config("f2-1block", l2_normalize=True), "l2_normalize"),
+        (AutoencoderVQConfig(AutoencoderConfig(**CONFIGS["f2-1block"], attn_resolutions=(8,), double_z=False)),
+         "attn_resolutions"),
+    ],
+)
+def test_vq_unrepresentable_config_names_field(config, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        diffusers_vq_model_kwargs(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(norm_type="spatial"), "norm_type"),
+        (dict(lookup_from_codebook=True), "lookup_from_codebook"),
+        (dict(down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D")), "down_block_types"),
+        (dict(shift_factor=0.0), "diffusers config"),  # an AutoencoderKL key: not a VQModel config
+    ],
+)
+def test_vq_unrepresentable_diffusers_config_names_setting(overrides, field):
+    base = diffusers_vq_model_kwargs(vq_config("f2-1block"))
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        autoencoder_vq_config_from_diffusers({**base, **overrides})

@@ -1,4 +1,5 @@
-"""Our `AutoencoderKL` <-> diffusers' `AutoencoderKL`: configs and weights, both ways.
+"""Our `AutoencoderKL` <-> diffusers' `AutoencoderKL` (and `AutoencoderVQ` <-> `VQModel`, at
+the end): configs and weights, both ways.
 
 Both follow CompVis LDM's encoder/decoder layer for layer (see models/autoencoder.py),
 so the weights map 1:1 and only names differ:
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.autoencoder import AutoencoderConfig, AutoencoderKL, load_state_checked
+from models.autoencoder_vq import AutoencoderVQ, AutoencoderVQConfig
+from models.quantize import QuantizerConfig
 
 if TYPE_CHECKING:
     import diffusers
@@ -51,6 +54,12 @@ __all__ = [
     "autoencoder_kl_state_dict_from_diffusers",
     "autoencoder_kl_to_diffusers",
     "autoencoder_kl_from_diffusers",
+    "diffusers_vq_model_kwargs",
+    "autoencoder_vq_config_from_diffusers",
+    "autoencoder_vq_state_dict_to_diffusers",
+    "autoencoder_vq_state_dict_from_diffusers",
+    "autoencoder_vq_to_diffusers",
+    "autoencoder_vq_from_diffusers",
 ]
 
 # The only diffusers blocks with LDM's plain (attention-free) encoder/decoder levels.
@@ -369,4 +378,107 @@ def autoencoder_kl_from_diffusers(model: diffusers.AutoencoderKL) -> Autoencoder
             state[f"{key}.bias"] = torch.zeros(width, dtype=ref.dtype, device=ref.device)
     out = AutoencoderKL(config)
     load_state_checked(out, state, "AutoencoderKL")
+    return _like(out, model)
+
+
+# --------------------------------------------------------------------------- VQModel
+#
+# diffusers' VQModel is LDM's VQModel: the same encoder (double_z=False, so it emits
+# z_channels), quant_conv z -> vq_embed_dim, a Euclidean nearest-code VectorQuantizer,
+# post_quant_conv vq_embed_dim -> z, the same decoder. Its encode() returns the
+# pre-quantisation latent and decode() quantises first, as our AutoencoderVQ.
+#
+# Weights: encoder/decoder/quant convs as above, plus the codebook:
+#     quantize.codebook (K, D)  <->  quantize.embedding.weight (K, D)
+# Our quantiser's training state (steps_unused; cluster_size and embed_sum with ema)
+# has no diffusers counterpart: dropped on export, fresh (a new run's) on import.
+# Training settings (beta, ema, dead-code restarts) are not part of diffusers' model
+# and take our defaults on import.
+
+# diffusers VQModel config keys we read; lookup_from_codebook only changes what
+# decode(force_not_quantize=True) expects (indices instead of latents) and is refused.
+_KNOWN_DIFFUSERS_VQ_KEYS = {
+    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "act_fn", "latent_channels", "sample_size", "num_vq_embeddings",
+    "norm_num_groups", "vq_embed_dim", "scaling_factor", "norm_type", "mid_block_add_attention",
+    "lookup_from_codebook", "force_upcast",
+}
+_CODEBOOK_OURS, _CODEBOOK_THEIRS = "quantize.codebook", "quantize.embedding.weight"
+_QUANTIZER_TRAINING_STATE = ("quantize.steps_unused", "quantize.cluster_size", "quantize.embed_sum")
+
+
+def diffusers_vq_model_kwargs(config: AutoencoderVQConfig, *, scale_factor: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments for `diffusers.VQModel(**kwargs)` building the same net as `config`."""
+    scale_factor = _check_scale("scale_factor", scale_factor)
+    ae, q = config.autoencoder, config.quantizer
+    if ae.double_z:
+        raise ValueError("double_z: diffusers' VQModel encoder emits z_channels (LDM's VQ layout, double_z=False)")
+    if q.l2_normalize:
+        raise ValueError("l2_normalize: diffusers' VQModel looks codes up by Euclidean distance, not cosine")
+    return {
+        **_network_kwargs(ae, "VQModel"),
+        "num_vq_embeddings": q.codebook_size,
+        "vq_embed_dim": q.code_dim,
+        "scaling_factor": scale_factor,
+        "norm_type": "group",
+        "lookup_from_codebook": False,
+    }
+
+
+def autoencoder_vq_config_from_diffusers(dconfig: Mapping[str, Any]) -> AutoencoderVQConfig:
+    """Our AutoencoderVQConfig for a diffusers VQModel config (`model.config` or a plain dict)."""
+    fields = _network_config_from_diffusers(dconfig, _KNOWN_DIFFUSERS_VQ_KEYS)
+    if _get(dconfig, "norm_type", "group") != "group":
+        # "spatial" (MoVQ) conditions the decoder's norms on the quantised latent.
+        raise ValueError(f"norm_type: only 'group' maps to our decoder, got {dconfig['norm_type']!r}")
+    if _get(dconfig, "lookup_from_codebook", False):
+        raise ValueError("lookup_from_codebook: our decode(quantize=False) takes latents, not code indices")
+    code_dim = _get(dconfig, "vq_embed_dim") or fields["z_channels"]  # diffusers: None means latent_channels
+    return AutoencoderVQConfig(
+        autoencoder=AutoencoderConfig(**fields, double_z=False),
+        quantizer=QuantizerConfig(codebook_size=_required(dconfig, "num_vq_embeddings"), code_dim=code_dim),
+    )
+
+
+def autoencoder_vq_state_dict_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our AutoencoderVQ state dict -> diffusers VQModel's (a pure function; training state dropped)."""
+    state = dict(state)
+    if _CODEBOOK_OURS not in state:
+        raise ValueError(f"state_dict: no {_CODEBOOK_OURS!r}; not an AutoencoderVQ state dict")
+    codebook = state.pop(_CODEBOOK_OURS)
+    for key in _QUANTIZER_TRAINING_STATE:
+        state.pop(key, None)
+    return {**autoencoder_kl_state_dict_to_diffusers(state), _CODEBOOK_THEIRS: codebook}
+
+
+def autoencoder_vq_state_dict_from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers VQModel state dict -> ours (a pure function; no quantiser training state)."""
+    state = dict(state)
+    if _CODEBOOK_THEIRS not in state:
+        raise ValueError(f"state_dict: no {_CODEBOOK_THEIRS!r}; not a diffusers VQModel state dict")
+    codebook = state.pop(_CODEBOOK_THEIRS)
+    return {**autoencoder_kl_state_dict_from_diffusers(state), _CODEBOOK_OURS: codebook}
+
+
+def autoencoder_vq_to_diffusers(model: AutoencoderVQ, *, scale_factor: float = 1.0) -> diffusers.VQModel:
+    """A diffusers VQModel with `model`'s weights (same device and dtype, eval mode)."""
+    import diffusers
+
+    kwargs = diffusers_vq_model_kwargs(model.config, scale_factor=scale_factor)
+    out = diffusers.VQModel(**kwargs)
+    load_state_checked(out, autoencoder_vq_state_dict_to_diffusers(model.state_dict()), "diffusers VQModel")
+    return _like(out, model)
+
+
+def autoencoder_vq_from_diffusers(model: diffusers.VQModel) -> AutoencoderVQ:
+    """Our AutoencoderVQ with a diffusers VQModel's weights (same device and dtype, eval mode).
+
+    The latent scale: `scale_factor_from_diffusers(model)`.
+    """
+    out = AutoencoderVQ(autoencoder_vq_config_from_diffusers(model.config))
+    state = autoencoder_vq_state_dict_from_diffusers(model.state_dict())
+    own = out.state_dict()
+    # The quantiser's training clock / EMA statistics start fresh, as in a new model.
+    state.update({k: own[k] for k in _QUANTIZER_TRAINING_STATE if k in own})
+    load_state_checked(out, state, "AutoencoderVQ")
     return _like(out, model)
