@@ -72,9 +72,13 @@ def _np_linspace(start: float, stop: float, num: int) -> Tensor:
 
 
 def _trailing(num_train_timesteps: int, steps: int) -> Tensor:
-    # np.round(np.arange(T, 0, -T/steps)) - 1: T-1, ..., round(T/steps) - 1 (Lin et al. 2024, Table 2)
+    """np.round(np.arange(T, 0, -T/steps)) - 1: T-1, ..., round(T/steps) - 1 (Lin et al. 2024, Table 2).
+    numpy's arange fills start + k * delta with delta = (start + step) - start, not step itself; the
+    last-bit difference decides .5 ties (T=100, 24 steps: 87.4999... -> 86, not 87.5 -> 87), so do the same."""
+    T = float(num_train_timesteps)
+    delta = (T + (-T / steps)) - T
     k = torch.arange(steps, dtype=torch.float64)
-    return torch.round(num_train_timesteps - k * (num_train_timesteps / steps)) - 1
+    return torch.round(T + k * delta) - 1
 
 
 def sampler_timesteps(
@@ -87,6 +91,8 @@ def sampler_timesteps(
     pure-noise start matches the training marginal (exactly, at zero terminal SNR).
     "leading" (original DDIM / Stable Diffusion v1, which used steps_offset=1): k * (T // steps) + offset;
     never visits the noisiest timesteps. "linspace": evenly spaced over [0, T-1].
+    Trailing differs from diffusers in one place: for some counts (T=1000: 976, 979, ...) numpy's
+    arange gives diffusers steps + 1 values ending in t = -1; we return the first `steps`.
 
     Per sampler, following diffusers:
       ddpm, ddim: long; linspace rounds np.linspace(0, T-1, steps).
@@ -367,11 +373,13 @@ def sample_euler(
         disagree only for "leading" with steps == T;
       - the model sees x_ve / sqrt(sigma^2 + 1) (scale_model_input, = x_t) and t, and the step is
         x_ve' = x_ve + (sigma' - sigma) (x_ve - x0_hat) / sigma; the last one lands on x0_hat.
-      - zero terminal SNR: alpha_bar = 0 is clamped to 2^-24 (sigma ~ 4096), as diffusers does.
+      - zero terminal SNR: alpha_bar = 0 is replaced by 2^-24 (sigma ~ 4096), as diffusers does.
     callback's "x" is the VE state (diffusers' prev_sample); "denoised" is x0_hat.
     """
     extra_args = {} if extra_args is None else extra_args
-    abar = _schedule(alphas_cumprod).clamp(min=_ZERO_SNR_ALPHA_BAR)
+    abar = _schedule(alphas_cumprod)
+    # only an exact 0 (cosine's own alpha_bar_{T-1} = 2.4e-9 is below 2^-24 and stays)
+    abar = torch.where(abar == 0, torch.full_like(abar, _ZERO_SNR_ALPHA_BAR), abar)
     T = abar.numel()
     ts = _check_timesteps(timesteps, T, integral=False)
     integral = all(t == round(t) for t in ts)
