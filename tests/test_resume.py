@@ -162,3 +162,48 @@ def test_zero3_ema_matches_zero2(uninterrupted):
     assert _max_diff(z3["ema"], z2["ema"]) < 1e-4
     assert _max_diff(z3["ema"], z3["unet"]) > 1e-3   # the EMA is not just the weights
     assert np.allclose(z3["losses"], z2["losses"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_stage_reentry_continues_from_its_checkpoint(ray_local, latents, tmp_path):
+    # `ldmflow run` re-entering a half-finished diffusion stage: the first attempt stops after its
+    # step-2 checkpoint (no artifact); the second finds that checkpoint under the same Ray run name
+    # and trains steps 3-4 only, then exports unet/ and unet_ema/.
+    import dataclasses
+    from models.checkpoint import load_state
+    from models.unet import UNetConfig
+    from models.text import TextEncoderConfig
+    from pipelines.config import CacheConfig, PipelineConfig, TrackingConfig
+    from pipelines.stage import LatentCacheArtifact, StageContext
+    from pipelines.tracking import Tracker
+    from pipelines.train_diffusion import train_diffusion
+    urls, null = latents
+    known = {f.name for f in dataclasses.fields(LatentCacheArtifact)}
+    cache = LatentCacheArtifact(**{k: v for k, v in {
+        "directory": str(tmp_path), "key": "k", "train_urls": urls, "num_samples": 64, "text_encoder_dir": "",
+        "text_encoder_hash": "", "null_text_file": null, "scale_factor": 0.8, "latent_shape": [4, 8, 8],
+        "text_shape": [L, D], "autoencoder_hash": "a", "autoencoder_version": None, "dataset_hash": "d"}.items()
+        if k in known})
+
+    def stage(**kw):
+        dcfg = DiffusionConfig(unet=UNetConfig.from_dict(UNET), max_steps=4, batch_size=4, log_every=1,
+                               checkpoint_every=0, **kw)
+        text = TextEncoderConfig(width=D, layers=1, heads=2, context_length=L)
+        cfg = PipelineConfig(diffusion=dcfg, cache=CacheConfig(text_encoder=text),
+                             tracking=TrackingConfig(register_models=False))
+        tracker = Tracker.embedded(tmp_path, None, None, "resume")
+        ctx = StageContext(config=cfg, output_dir=tmp_path, tracker=tracker,
+                           pipeline_run_id=tracker.start_run("p"), code_version="test",
+                           env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]})
+        return train_diffusion(dcfg, cache, ctx)
+
+    with pytest.raises(RuntimeError, match="stopped after step 2 of 4"):
+        stage(stop_after_steps=2)
+    art = stage()
+    assert art.metrics["step"] == 4
+    from mlflow.tracking import MlflowClient
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(art.run_id).data.tags
+    assert "checkpoint_" in tags["ldmflow.resumed_from"]
+    for sub in ("unet", "unet_ema"):
+        cfg_dict, state, extra = load_state(os.path.join(art.directory, sub))
+        assert extra["steps"] == 4 and all(torch.isfinite(v).all() for v in state.values())
