@@ -157,9 +157,12 @@ def test_interrupted_and_resumed_run_is_exact(ray_local, latents, tmp_path, unin
 @pytest.mark.slow
 def test_zero3_ema_matches_zero2(uninterrupted):
     z2, z3 = uninterrupted(2), uninterrupted(3)
-    # Same seed, data and updates; only the reduction order of the gradients differs.
-    assert _max_diff(z3["unet"], z2["unet"]) < 1e-4
-    assert _max_diff(z3["ema"], z2["ema"]) < 1e-4
+    # Same seed, data and updates; only the reduction order of the gradients differs, which Adam
+    # turns into ~1e-4 weight differences where gradients are near zero (measured on a 2-core x86
+    # VM: U-Net 9.3e-5, EMA 5.7e-5, losses equal). A wrong gather (slices swapped, padding kept, one
+    # rank's slice only) would be off by the weights' own size (~1e-1); EMA vs weights: 2.1e-3.
+    assert _max_diff(z3["unet"], z2["unet"]) < 5e-4
+    assert _max_diff(z3["ema"], z2["ema"]) < 5e-4
     assert _max_diff(z3["ema"], z3["unet"]) > 1e-3   # the EMA is not just the weights
     assert np.allclose(z3["losses"], z2["losses"], atol=1e-4)
 
