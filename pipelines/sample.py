@@ -1,7 +1,8 @@
 """Stage 5, sampling: Ray Data batch inference over a prompts file.
 
 Each actor loads the U-Net (EMA weights by default), the text encoder that made the training
-states, and the autoencoder once; it runs DDIM with classifier-free guidance and decodes. Every
+states, and the autoencoder once; it runs the configured sampler (DDIM, DDPM, DPM-Solver++ 2M, Euler,
+or flow Euler for a flow-matching model) with classifier-free guidance and decodes. Every
 image is a pure function of (prompt, seed, sampler settings, model), and is written atomically
 under its index, so a re-run skips what exists. A manifest row per image records how it was made.
 """
@@ -66,11 +67,12 @@ class PromptSampler:
 
     def __init__(self, diffusion_dir: str, autoencoder_dir: str, text_encoder_dir: str,
                  null_text_file: str, scale_factor: float, steps: int, guidance_scale: float,
-                 eta: float, use_ema: bool, out_dir: str):
+                 eta: float, use_ema: bool, out_dir: str, sampler: str = "ddim", spacing: str = "trailing"):
         import torch
         from models.autoencoder import load_pretrained
         from models.checkpoint import load_state
-        from models.denoiser import EpsDenoiser
+        from models.denoiser import ObjectiveConfig, build_denoiser
+        from models.samplers import SAMPLERS, sampler_timesteps
         from models.schedules import ScheduleConfig
         from models.text import load_text_encoder
         from models.unet import UNet, UNetConfig
@@ -82,7 +84,13 @@ class PromptSampler:
         unet = UNet(UNetConfig.from_dict(cfg))
         unet.load_state_dict(state)
         schedule = ScheduleConfig.from_dict(json.loads((Path(diffusion_dir) / "schedule.json").read_text()))
-        self.denoiser = EpsDenoiser(unet, schedule.alphas_cumprod()).eval().to(self.device)
+        # objective.json sits beside the weights; models saved before it existed are eps-prediction.
+        obj_file = Path(diffusion_dir) / "objective.json"
+        objective = ObjectiveConfig.from_dict(json.loads(obj_file.read_text())) if obj_file.is_file() else ObjectiveConfig()
+        self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
+        self.sampler_name, self.sample_fn = sampler, SAMPLERS[sampler]
+        # Checked here, before any prompt is read: too many steps or a flow sampler on a DDPM model.
+        self.timesteps = sampler_timesteps(sampler, schedule.num_timesteps, steps, spacing)
         self.ae, _ = load_pretrained(autoencoder_dir)
         self.ae.eval().to(self.device)
         self.text = load_text_encoder(text_encoder_dir).eval().to(self.device)
@@ -99,7 +107,7 @@ class PromptSampler:
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch
-        from models.samplers import cfg_model, ddim_timesteps, sample_ddim
+        from models.samplers import cfg_model
         from pipelines.images import to_pil
         indices = [int(i) for i in batch["index"]]
         prompts = [str(p) for p in batch["prompt"]]
@@ -115,14 +123,15 @@ class PromptSampler:
             with torch.no_grad():
                 ctx, mask = self.text.encode([prompts[j] for j in todo])
                 model = cfg_model(self.denoiser, self.guidance)
-                ts = ddim_timesteps(self.num_timesteps, self.steps)
-                # eta > 0 adds per-step noise, drawn here from the batch's first seed: an image is a
-                # function of its own seed alone only for eta = 0 (the default).
+                # Stochastic samplers (ddpm, ddim with eta > 0) add per-step noise, drawn here from the
+                # batch's first seed: an image is a function of its own seed alone only for the
+                # deterministic ones (ddim eta 0, dpmpp_2m, euler, flow_euler).
                 gen = torch.Generator().manual_seed(seeds[todo[0]] + 1)
-                z = sample_ddim(model, noise, ts, self.alphas_cumprod,
-                                extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
-                                            "null_context": self.null_ctx, "null_mask": self.null_mask},
-                                eta=self.eta, generator=gen)
+                options = {"eta": self.eta} if self.sampler_name == "ddim" else {}
+                z = self.sample_fn(model, noise, self.timesteps, self.alphas_cumprod,
+                                   extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
+                                               "null_context": self.null_ctx, "null_mask": self.null_mask},
+                                   generator=gen, **options)
                 images = self.ae.decode(z / self.scale).clamp(-1, 1).cpu()
             for j, img in zip(todo, images):
                 tmp = paths[j].with_name(f".{paths[j].name}.tmp{os.getpid()}.png")
@@ -157,11 +166,12 @@ def sample(cfg: SampleConfig, diffusion: DiffusionArtifact, autoencoder: Autoenc
                               "text_encoder_dir": cache.text_encoder_dir,
                               "null_text_file": cache.null_text_file, "scale_factor": cache.scale_factor,
                               "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta,
-                              "use_ema": cfg.use_ema, "out_dir": str(out)},
+                              "use_ema": cfg.use_ema, "out_dir": str(out), "sampler": cfg.sampler,
+                              "spacing": cfg.spacing},
                              batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                              num_gpus=1 if ctx.config.cluster.use_gpu else 0)
         done = sorted(ds.take_all(), key=lambda r: int(r["index"]))
-        common = {"sampler": "ddim", "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
+        common = {"sampler": cfg.sampler, "spacing": cfg.spacing, "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
                   "ema": cfg.use_ema, "diffusion_model_version": diffusion.model_version,
                   "diffusion_hash": diffusion.diffusion_hash,
                   "autoencoder_model_version": autoencoder.model_version,

@@ -228,11 +228,9 @@ def diffusion_worker(c: dict) -> None:
         torch.manual_seed(c["seed"])
         unet_cfg = UNetConfig.from_dict(c["unet"])
         schedule = ScheduleConfig.from_dict(c["schedule"])
-        if "objective" in c:   # DiffusionConfig.objective: eps/v/x0 diffusion or flow
-            from models.denoiser import ObjectiveConfig, build_denoiser
-            denoiser = build_denoiser(UNet(unet_cfg), schedule, ObjectiveConfig.from_dict(c["objective"]))
-        else:
-            denoiser = EpsDenoiser(UNet(unet_cfg), schedule.alphas_cumprod())
+        from models.denoiser import ObjectiveConfig, build_denoiser
+        # eps/v/x0 diffusion or flow matching: the objective wraps the net, the net never knows.
+        denoiser = build_denoiser(UNet(unet_cfg), schedule, ObjectiveConfig.from_dict(c["objective"]))
         # One CPU generator per rank draws everything random in a step - latent sample, caption
         # dropout, timesteps, loss noise - different per rank, saved and restored with checkpoints.
         gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
@@ -365,8 +363,8 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
             if cfg.ema_decay:
                 shutil.copytree(f"{d}/unet_ema", model_dir / "unet_ema")
         (model_dir / "schedule.json").write_text(json.dumps(cfg.schedule.to_dict(), indent=2))
-        if getattr(cfg, "objective", None) is not None:   # sampling converts the net's output by it
-            (model_dir / "objective.json").write_text(json.dumps(cfg.objective.to_dict(), indent=2))
+        # Saved beside the weights: sampling converts the net's output by it.
+        (model_dir / "objective.json").write_text(json.dumps(cfg.objective.to_dict(), indent=2))
         (model_dir / "conditioning.json").write_text(json.dumps(
             {"latent_cache_key": cache.key, "scale_factor": cache.scale_factor,
              "latent_shape": cache.latent_shape, "text_shape": cache.text_shape,
