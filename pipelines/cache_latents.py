@@ -27,16 +27,27 @@ __all__ = ["cache_latents", "LatentEncoder", "cache_key"]
 
 
 class LatentEncoder:
-    """A Ray Data actor: loads the autoencoder and text encoder once, encodes batches of raw samples."""
+    """A Ray Data actor: loads the autoencoder (either family, models/autoencoders.load_autoencoder)
+    and text encoder once, encodes batches of raw samples.
+
+    What is written is the autoencoder's latent BEFORE normalisation (the LatentNorm in the
+    autoencoder's config.json extra is applied by the diffusion stage), as a Gaussian:
+      * KL: mean.npy / std.npy are the posterior's, (C, h, w); training latents are mean + std * eps.
+      * VQ: mean.npy is the pre-quantisation latent encode(x) (LDM's VQModelInterface: the
+        diffusion model works in that continuous space and decode() quantises), std.npy is zeros,
+        so the same mean + std * eps gives it exactly and the shard format stays one.
+    """
 
     def __init__(self, autoencoder_dir: str, text_encoder_dir: str, resolution: int):
         import torch
-        from models.autoencoder import load_pretrained
+        from models.autoencoder_vq import AutoencoderVQ
+        from models.autoencoders import load_autoencoder
         from models.text import load_text_encoder
         torch.set_num_threads(1)
         self.torch = torch
-        self.ae, _ = load_pretrained(autoencoder_dir)
+        self.ae, _ = load_autoencoder(autoencoder_dir)
         self.ae.eval()
+        self.family = "vq" if isinstance(self.ae, AutoencoderVQ) else "kl"
         self.text = load_text_encoder(text_encoder_dir).eval()
         self.resolution = resolution
 
@@ -53,8 +64,12 @@ class LatentEncoder:
                                        for s in samples]))
         captions = [s.get("txt", "") for s in samples]
         with torch.no_grad():
-            post = self.ae.encode(x)
-            mean, std = post.mean.float().numpy(), post.std.float().numpy()
+            if self.family == "vq":
+                mean = self.ae.encode(x).float().numpy()   # (B, code_dim, h, w), pre-quantisation
+                std = np.zeros_like(mean)
+            else:
+                post = self.ae.encode(x)
+                mean, std = post.mean.float().numpy(), post.std.float().numpy()
             states, mask = self.text.encode(captions)
         states = states.to(torch.float16).numpy()
         mask = mask.numpy()
