@@ -297,7 +297,7 @@ def diffusion_worker(c: dict) -> None:
                 _save_checkpoint(d, engine=engine, ema=ema, gen=gen, step=step, micro=micro, c=c,
                                  losses=losses, running=running, n_run=n_run, rank=rank, world=world,
                                  final=final, unet_cfg=unet_cfg)
-                report({"loss": step_loss, "step": step, "steps": max_steps,
+                report({"loss": step_loss, "step": step, "steps": max_steps, "resumed_from_step": start_step,
                         "optimizer_steps": engine.global_steps, "micro_batches": micro}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:
