@@ -47,6 +47,29 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="load and print the resolved config")
     val.add_argument("config")
     val.add_argument("overrides", nargs="*")
+    gen = sub.add_parser("generate", help="batch generation over a prompts file: resumable, exactly once")
+    gen.add_argument("--model", required=True,
+                     help="models:/NAME@ALIAS, models:/NAME/VERSION (a pipeline model), or a pipeline output dir")
+    gen.add_argument("--prompts", required=True, help=".txt, .jsonl ({prompt, id?}) or .parquet; path or URL")
+    gen.add_argument("--out", required=True, help="output directory or fsspec URL (re-run to resume)")
+    gen.add_argument("--batch-size", type=int, default=16, help="images per sampler call (fixed per job)")
+    gen.add_argument("--concurrency", type=int, default=1, help="sampler actors, each holding the model")
+    gen.add_argument("--shard-size", type=int, default=1000, help="prompts per shard (the commit unit)")
+    gen.add_argument("--sampler", help="default: the model's")
+    gen.add_argument("--spacing", help="timestep spacing (default: the model's)")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    gen.add_argument("--eta", type=float, help="ddim only")
+    gen.add_argument("--resolution", type=int, help="output side in pixels (default: the autoencoder's)")
+    gen.add_argument("--seed", type=int, help="global seed; an image's seed is a hash of (seed, prompt id)")
+    gen.add_argument("--on-bad-line", choices=["skip", "stop"], default="skip",
+                     help="malformed prompt lines: skip and report them (default), or stop before generating")
+    gen.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                     help="MLflow registry and where the run is logged (default: $MLFLOW_TRACKING_URI)")
+    gen.add_argument("--experiment", default="generate")
+    gen.add_argument("--gpu", action="store_true", help="one GPU per sampler actor")
+    gen.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    gen.add_argument("--no-progress", action="store_true")
 
     def cluster_args(q):
         q.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -77,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd in ("submit", "status", "logs", "stop"):
         return _jobs_command(args)
+    if args.cmd == "generate":
+        return _generate_command(args)
     from pipelines.config import ConfigError, load_config, to_dict
     from pipelines.run import OutputDirError, run_pipeline
     from pipelines.sample import PromptsError
@@ -111,6 +136,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"manifest: {s.manifest}")
     print(f"mlflow:   {res.tracker.uri} (pipeline run {res.pipeline_run_id})")
     print(f"open the MLflow UI with:\n  {res.tracker.ui_command()}")
+    return 0
+
+
+def _generate_command(args) -> int:
+    from cluster.runtime import ray_session, worker_env
+    from pipelines.generate import GenerateConfig, GenerateError, generate, resolve_model
+    try:
+        cfg = GenerateConfig(model=args.model, prompts=args.prompts, out=args.out, batch_size=args.batch_size,
+                             concurrency=args.concurrency, shard_size=args.shard_size, on_bad_line=args.on_bad_line,
+                             sampler=args.sampler, spacing=args.spacing, steps=args.steps,
+                             guidance_scale=args.guidance, eta=args.eta, resolution=args.resolution, seed=args.seed,
+                             use_gpu=args.gpu, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                             progress=not args.no_progress)
+        model = resolve_model(cfg.model, cfg.tracking_uri)   # a wrong --model fails before Ray starts
+        with ray_session(args.address, None, worker_env()):
+            res = generate(cfg, model)
+    except (GenerateError, FileNotFoundError) as e:
+        print(f"ldmflow: error: {e}", file=sys.stderr)
+        return 2
+    print(f"\ngenerated {res.num_generated} images now, {res.num_images} in all "
+          f"({res.images_per_s:.2f} images/s, {res.seconds:.0f}s) in {res.out}")
+    print(f"manifest: {res.manifest}")
+    if res.num_bad_lines:
+        print(f"bad lines skipped: {res.num_bad_lines} (listed in {res.out}/bad_lines.json)")
+    if res.run_id:
+        print(f"mlflow run: {res.run_id}")
     return 0
 
 
