@@ -1,15 +1,36 @@
-"""Content hashes and code versions: the identities that lineage tags and cache keys are made of."""
+"""Content hashes and code versions: the identities that lineage tags and cache keys are made of.
+
+Two notions of "code version" live here, for two jobs:
+  * `code_version()`: package version + git commit (+ ".dirty"). Recorded on every MLflow run for
+    lineage: it says which commit made a result.
+  * `stage_code_hash(module)`: a hash of the source of the Python modules a stage actually runs
+    (the stage module and, transitively, every project module it imports, found by reading the
+    import statements). It is part of a stage's cache key, so a docs-only commit (or a change to
+    another stage's code) does not recompute a stage, while a change to code it runs does.
+    `pipelines.config` is the one boundary not followed: its effect on a stage is the resolved
+    config section, which the key hashes already (otherwise every stage would import every model
+    module through the config classes and any model edit would retrain the autoencoder).
+    Not covered: third-party package versions (torch, ray, ...) and code loaded by name at run time.
+"""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import subprocess
 from dataclasses import asdict, dataclass, is_dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["file_sha256", "files_hash", "dir_hash", "code_version", "write_artifact_json",
-           "read_artifact_json"]
+__all__ = ["file_sha256", "files_hash", "dir_hash", "code_version", "code_commit", "write_artifact_json",
+           "read_artifact_json", "stage_code_hash", "module_closure", "stage_key"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("models", "cluster", "pipelines")
+# Modules whose effect on a stage is already in its key by other means (see the module docstring).
+CODE_HASH_BOUNDARY = frozenset({"pipelines.config"})
+KEY_FORMAT = "ldmflow-stage-key-v1"   # bump when the key recipe changes: every stage becomes stale
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -67,6 +88,90 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return v
+
+
+def code_commit() -> str | None:
+    """The git commit of the source tree (12 hex digits), or None outside a git checkout."""
+    v = code_version()
+    if "+g" not in v:
+        return None
+    return v.split("+g", 1)[1].split(".", 1)[0]
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Project modules `path` imports anywhere (top level and inside functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:   # relative: resolve against this module's package
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                pkg = pkg[:len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            out.add(base)
+            # `from pkg import sub` may name a submodule
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in out if m.split(".")[0] in PROJECT_PACKAGES}
+
+
+def module_closure(module: str, root: str | Path = PROJECT_ROOT,
+                   boundary: frozenset[str] = CODE_HASH_BOUNDARY) -> dict[str, Path]:
+    """{module name: source file} for `module` and every project module it imports, transitively
+    (parent packages' __init__ included: importing a.b runs a/__init__.py)."""
+    root = Path(root)
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in boundary:
+            continue
+        path = _module_file(name, root)
+        if path is None:       # a name imported from a module, not a module itself
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(_imports(path, name))
+    return seen
+
+
+@lru_cache(maxsize=None)
+def _stage_code_hash(module: str, root: str) -> str:
+    h = hashlib.sha256()
+    for name, path in sorted(module_closure(module, root).items()):
+        h.update(name.encode())
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()[:16]
+
+
+def stage_code_hash(module: str, root: str | Path = PROJECT_ROOT) -> str:
+    """Hash of the source a stage runs: `module` and its project imports (see module docstring).
+    Cached per process: the source does not change under a running pipeline."""
+    return _stage_code_hash(module, str(Path(root).resolve()))
+
+
+def stage_key(stage: str, config: dict, inputs: dict[str, str], code: str,
+              external: dict | None = None) -> tuple[str, dict]:
+    """(key, parts): a stage output's identity. `config` is the resolved config the stage reads,
+    `inputs` the content identities of its upstream artifacts ({stage: hash}), `code` its
+    stage_code_hash, `external` identities of files outside the pipeline it reads (prompts...)."""
+    parts = {"format": KEY_FORMAT, "stage": stage, "config": config, "inputs": dict(sorted(inputs.items())),
+             "code": code, "external": external or {}}
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16], parts
 
 
 def write_artifact_json(directory: str | Path, artifact) -> Path:

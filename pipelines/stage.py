@@ -57,13 +57,16 @@ class LatentCacheArtifact:
     text_encoder_dir: str      # the exact text encoder that made the states (and must encode prompts)
     text_encoder_hash: str     # content hash of that directory (also part of `key`)
     null_text_file: str        # .npz with the empty caption's states and mask (classifier-free guidance)
-    scale_factor: float
+    scale_factor: float        # per-tensor scale, measured by the autoencoder stage (also in latent_norm)
     latent_shape: list[int]    # (C, h, w)
     text_shape: list[int]      # (L, D)
     autoencoder_hash: str
     autoencoder_version: str | None
     dataset_hash: str
     run_id: str | None = None
+    # models.latent_norm.LatentNorm.to_dict() of the autoencoder: what turns cached posterior samples
+    # into diffusion latents (per-tensor scale or per-channel shift/scale). None = scale_factor alone.
+    latent_norm: dict | None = None
 
 
 @dataclass
@@ -94,6 +97,10 @@ class StageContext:
     pipeline_run_id: str
     code_version: str
     env: dict[str, str]
+    # Set by the pipeline runner (pipelines/run.py) per stage: where a stage's outputs go (its
+    # cache-key directory, by stage and run name) and where Ray Train keeps its checkpoints.
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+    ray_dir: Path | None = None
 
     def train(self, loop, loop_cfg: dict, num_workers: int, name: str, **fit_kwargs):
         """Run a per-worker loop under Ray Train with this run's storage, GPU setting and worker env
@@ -108,7 +115,7 @@ class StageContext:
     @property
     def ray_storage(self) -> Path:
         """Where Ray Train persists this run's checkpoints (one subdirectory per run name)."""
-        return self.output_dir / "ray_results"
+        return self.ray_dir or self.output_dir / "ray_results"
 
     @staticmethod
     def fresh_dir(path: Path) -> Path:
@@ -118,7 +125,7 @@ class StageContext:
         return path
 
     def stage_dir(self, name: str) -> Path:
-        d = self.output_dir / name
+        d = self.stage_dirs.get(name, self.output_dir / name)
         d.mkdir(parents=True, exist_ok=True)
         return d
 

@@ -29,6 +29,9 @@ TAG = {
     "diffusion_hash": "ldmflow.diffusion_hash",
     "diffusion_version": "ldmflow.diffusion_model_version",
     "upstream_runs": "ldmflow.upstream_runs",
+    "code_commit": "ldmflow.code_commit",     # git commit (lineage); the cache key uses code_hash
+    "code_hash": "ldmflow.code_hash",         # hash of the source a stage runs (pipelines.lineage)
+    "stage_key": "ldmflow.stage_key",         # the stage output's cache key (pipelines.run)
 }
 
 
