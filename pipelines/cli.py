@@ -1,6 +1,8 @@
 """`ldmflow`: run the pipeline, write datasets, check configs.
 
-    ldmflow run CONFIG [section.key=value ...] [--address ADDR]
+    ldmflow run CONFIG [section.key=value ...] [--address ADDR] [--force STAGE ...]
+    ldmflow lineage TARGET [--graph out.png] [--output-dir DIR] [--tracking-uri URI]
+    ldmflow promote NAME VERSION_OR_ALIAS --to ALIAS [--output-dir DIR] [--tracking-uri URI]
     ldmflow data [CONFIG] [section.key=value ...]        # only the data stage
     ldmflow validate CONFIG [section.key=value ...]      # print the resolved config
     ldmflow submit CONFIG [section.key=value ...] --address http://HEAD:8265 [--token T] [--wait]
@@ -40,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="pipeline YAML, or a packaged name (quickstart)")
     run.add_argument("overrides", nargs="*", help="section.key=value")
     run.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="rerun this stage (and the stages after it) even if its cached output is up to "
+                          "date; repeatable (data, autoencoder, clip, cache, diffusion, samples)")
+    lin = sub.add_parser("lineage", help="the chain behind an image, run or model, back to data and code")
+    lin.add_argument("target", help="an image file or id, an MLflow run id, or models:/NAME@ALIAS|/VERSION")
+    lin.add_argument("--graph", metavar="PNG", help="also draw the chain to this PNG (logged to the target's run)")
+    pro = sub.add_parser("promote", help="move a registered model's alias (e.g. candidate -> production)")
+    pro.add_argument("name", help="registered model, e.g. ldmflow-unet")
+    pro.add_argument("version", metavar="VERSION_OR_ALIAS", help="a version number or an alias it has now")
+    pro.add_argument("--to", required=True, metavar="ALIAS", help="the alias to point at it")
+    for q in (lin, pro):
+        q.add_argument("--output-dir", help="an ldmflow run directory (its embedded MLflow; image ids)")
+        q.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                       help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else --output-dir's)")
     data = sub.add_parser("data", help="write WebDataset shards only (the data stage)")
     data.add_argument("config", nargs="?", help="pipeline YAML (default: built-in defaults)")
     data.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.source=emoji")
@@ -102,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return _jobs_command(args)
     if args.cmd == "generate":
         return _generate_command(args)
+    if args.cmd in ("lineage", "promote"):
+        return _lineage_command(args)
     from pipelines.config import ConfigError, load_config, to_dict
     from pipelines.run import OutputDirError, run_pipeline
     from pipelines.sample import PromptsError
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"val shards: {len(res.data.val_urls)} ({res.data.num_val} images) in {res.output_dir}/data")
             print(f"dataset hash: {res.data.dataset_hash}")
             return 0
-        res = run_pipeline(cfg, args.address)
+        res = run_pipeline(cfg, args.address, force=args.force)
     except bad_input as e:
         print(f"ldmflow: error: {e}", file=sys.stderr)
         return 2
@@ -137,6 +155,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mlflow:   {res.tracker.uri} (pipeline run {res.pipeline_run_id})")
     print(f"open the MLflow UI with:\n  {res.tracker.ui_command()}")
     return 0
+
+
+def _lineage_command(args) -> int:
+    from pipelines.provenance import (LineageError, draw_chain, find_output_dir, format_chain, lineage_chain,
+                                      promote)
+    from pipelines.tracking import Tracker
+    out = args.output_dir
+    if out is None and args.cmd == "lineage" and os.path.exists(args.target):
+        out = find_output_dir(args.target)   # an image inside a run dir: its own MLflow
+    if out is not None and not os.path.isdir(out):
+        print(f"ldmflow: error: --output-dir: not a directory: {out}", file=sys.stderr)
+        return 2
+    if not args.tracking_uri and out is None:
+        print("ldmflow: error: --tracking-uri or --output-dir: say which MLflow to read", file=sys.stderr)
+        return 2
+    if not args.tracking_uri and not os.path.isfile(os.path.join(out, "mlflow.db")):
+        print(f"ldmflow: error: --output-dir: {out} holds no embedded MLflow (mlflow.db); "
+              f"pass --tracking-uri", file=sys.stderr)
+        return 2
+    tracker = Tracker.embedded(out or ".", args.tracking_uri, None, "ldmflow")
+    try:
+        if args.cmd == "promote":
+            version, before = promote(tracker, args.name, args.version, args.to)
+            print(f"{args.name}: alias {args.to} -> version {version}"
+                  + (f" (was version {before})" if before and before != version else ""))
+            return 0
+        nodes = lineage_chain(tracker, args.target, out)
+        print(format_chain(nodes))
+        if args.graph:
+            path = draw_chain(nodes, args.graph)
+            run_id = next((n.run_id for n in nodes if n.run_id), None)
+            if run_id:
+                tracker.log_artifact(run_id, path, "lineage")
+            print(f"graph: {path}" + (f" (logged to run {run_id} under lineage/)" if run_id else ""))
+        return 0
+    except LineageError as e:
+        print(f"ldmflow: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _generate_command(args) -> int:

@@ -132,11 +132,15 @@ def test_samples_and_manifest(pipeline):
 
 def test_rerun_resumes_and_foreign_config_is_refused(pipeline):
     cfg, res = pipeline
-    again = run_pipeline(cfg)                      # same config: every stage reused
+    files = {p: p.stat().st_mtime_ns for p in (Path(res.output_dir) / "stages").rglob("*") if p.is_file()}
+    again = run_pipeline(cfg)                      # same config: every stage a cache hit
+    assert {i["status"] for i in again.stages.values()} == {"cached"}
     assert again.diffusion.diffusion_hash == res.diffusion.diffusion_hash
     assert again.samples.manifest == res.samples.manifest
+    assert {p: p.stat().st_mtime_ns for p in files} == files      # nothing recomputed or rewritten
+    # another pipeline's config (another name) in this output dir is refused, the dir untouched
     marker = (Path(res.output_dir) / "pipeline.json").read_text()
-    other = load_config(data={**json.loads(marker)["config"], "seed": 123})
-    with pytest.raises(OutputDirError, match="already holds the results of another run"):
+    other = load_config(data={**json.loads(marker)["config"], "name": "other", "seed": 123})
+    with pytest.raises(OutputDirError, match="already holds the results of another pipeline"):
         run_pipeline(other)
     assert (Path(res.output_dir) / "pipeline.json").read_text() == marker
