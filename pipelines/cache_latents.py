@@ -112,6 +112,7 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
                   ctx: StageContext, clip: ClipArtifact | None = None) -> LatentCacheArtifact:
     import torch
     from cluster.inference import map_with_actors, read_shards
+    from models.latent_norm import load_latent_norm
     from models.text import load_text_encoder
 
     root = Path(cfg.root).expanduser() if cfg.root else ctx.output_dir / "latents"
@@ -181,6 +182,7 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
             null_text_file=str(cache_dir / "null_text.npz"), scale_factor=autoencoder.scale_factor,
             latent_shape=manifest["latent_shape"], text_shape=manifest["text_shape"],
             autoencoder_hash=autoencoder.autoencoder_hash, autoencoder_version=autoencoder.model_version,
+            latent_norm=load_latent_norm(autoencoder.directory).to_dict(),
             dataset_hash=data.dataset_hash, run_id=run_id)
 
 

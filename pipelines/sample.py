@@ -69,8 +69,9 @@ class PromptSampler:
                  null_text_file: str, scale_factor: float, steps: int, guidance_scale: float,
                  eta: float, use_ema: bool, out_dir: str, sampler: str = "ddim", spacing: str = "trailing"):
         import torch
-        from models.autoencoder import load_pretrained
+        from models.autoencoders import load_autoencoder
         from models.checkpoint import load_state
+        from models.latent_norm import LatentNorm
         from models.denoiser import ObjectiveConfig, build_denoiser
         from models.samplers import SAMPLERS, sampler_timesteps
         from models.schedules import ScheduleConfig
@@ -91,8 +92,10 @@ class PromptSampler:
         self.sampler_name, self.sample_fn = sampler, SAMPLERS[sampler]
         # Checked here, before any prompt is read: too many steps or a flow sampler on a DDPM model.
         self.timesteps = sampler_timesteps(sampler, schedule.num_timesteps, steps, spacing)
-        self.ae, _ = load_pretrained(autoencoder_dir)
+        # Either family (KL or VQ); its artifact holds the latent normalisation diffusion trained with.
+        self.ae, ae_extra = load_autoencoder(autoencoder_dir)
         self.ae.eval().to(self.device)
+        self.norm = LatentNorm.from_extra(ae_extra)
         self.text = load_text_encoder(text_encoder_dir).eval().to(self.device)
         null = np.load(null_text_file)
         self.null_ctx = torch.from_numpy(null["states"]).float().to(self.device)
@@ -132,7 +135,8 @@ class PromptSampler:
                                    extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
                                                "null_context": self.null_ctx, "null_mask": self.null_mask},
                                    generator=gen, **options)
-                images = self.ae.decode(z / self.scale).clamp(-1, 1).cpu()
+                # VQ: decode() quantises the denormalised pre-quant latent first.
+                images = self.ae.decode(self.norm.denormalize(z)).clamp(-1, 1).cpu()
             for j, img in zip(todo, images):
                 tmp = paths[j].with_name(f".{paths[j].name}.tmp{os.getpid()}.png")
                 to_pil(img).save(tmp)
@@ -143,8 +147,7 @@ class PromptSampler:
 
     def _latent_hw(self) -> int:
         # The autoencoder decides the latent size: resolution / downsampling factor.
-        c = self.ae.config
-        return c.resolution // c.downsample_factor
+        return self.ae.config.latent_shape[1]
 
 
 def sample(cfg: SampleConfig, diffusion: DiffusionArtifact, autoencoder: AutoencoderArtifact,

@@ -258,7 +258,10 @@ def diffusion_worker(c: dict) -> None:
     null = np.load(c["null_text_file"])
     null_ctx = torch.from_numpy(null["states"]).float().to(device)
     null_mask = torch.from_numpy(null["mask"]).to(device)
-    scale = c["scale_factor"]
+    from models.latent_norm import LatentNorm
+    # The autoencoder's measured latent normalisation (per-tensor scale or per-channel shift/scale).
+    norm = (LatentNorm.from_dict(c["latent_norm"]) if c.get("latent_norm")
+            else LatentNorm.from_extra({"scale_factor": c["scale_factor"]}))
     # The data position: this rank's micro-batches consumed so far (grad_accum per optimizer step).
     batches = latent_batches(c["train_urls"], rank, world, c["batch_size"], c["seed"],
                              c["preload_max_gb"] * 2 ** 30, start=micro)
@@ -272,7 +275,7 @@ def diffusion_worker(c: dict) -> None:
             b = next(batches)
             micro += 1
             eps = torch.randn(b["mean"].shape, generator=gen)
-            x0 = ((b["mean"] + b["std"] * eps) * scale).to(device)
+            x0 = norm.normalize(b["mean"] + b["std"] * eps).to(device)   # VQ: std = 0, the pre-quant latent
             ctx, mask = drop_conditioning(b["text"].to(device), b["mask"].to(device), null_ctx, null_mask,
                                           c["cond_drop_prob"], generator=gen)
             loss = engine(x0.to(dtype), ctx.to(dtype), mask)
@@ -331,7 +334,7 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
         raise ValueError(f"diffusion.unet.context_dim: expected the text encoder's width "
                          f"({cache.text_shape[1]}), got {cfg.unet.context_dim}")
     base_cfg = {**to_dict(cfg), "train_urls": cache.train_urls, "null_text_file": cache.null_text_file,
-                "scale_factor": cache.scale_factor}
+                "scale_factor": cache.scale_factor, "latent_norm": cache.latent_norm}
     fingerprint, _ = training_fingerprint(base_cfg)
     name = f"diffusion-{fingerprint}"
     resume_from = latest_checkpoint(str(ctx.ray_storage), name)
@@ -366,7 +369,7 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
         # Saved beside the weights: sampling converts the net's output by it.
         (model_dir / "objective.json").write_text(json.dumps(cfg.objective.to_dict(), indent=2))
         (model_dir / "conditioning.json").write_text(json.dumps(
-            {"latent_cache_key": cache.key, "scale_factor": cache.scale_factor,
+            {"latent_cache_key": cache.key, "scale_factor": cache.scale_factor, "latent_norm": cache.latent_norm,
              "latent_shape": cache.latent_shape, "text_shape": cache.text_shape,
              "autoencoder_hash": cache.autoencoder_hash}, indent=2))
         d_hash = dir_hash(model_dir)
