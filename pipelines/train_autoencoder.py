@@ -469,7 +469,9 @@ def autoencoder_worker(c: dict) -> None:
         ema.copy_to(shadow)
         return shadow
 
+    train_seconds, trained_steps = 0.0, 0   # throughput of the steps themselves (no eval, no saving)
     while step < max_steps:
+        t_step = time.perf_counter()
         gstep = step   # LDM's global_step: optimizer steps taken before this one
         x = next(batches).to(device)
         disc_on = loss_fn.discriminator_active(gstep)
@@ -506,6 +508,8 @@ def autoencoder_worker(c: dict) -> None:
         if ema is not None:
             ema.update(net)
         step += 1
+        train_seconds += time.perf_counter() - t_step
+        trained_steps += 1
         logs.update(stats)
         for k, v in logs.items():
             running[k] = running.get(k, 0.0) + float(v)
@@ -545,6 +549,9 @@ def autoencoder_worker(c: dict) -> None:
         with torch.random.fork_rng(devices=[]):
             val = _evaluate(exported, c, device, rank, world, grid_path=os.path.join(d, RECON_FILE))
         metrics = {"step": step, "steps": max_steps, **scale_stats, **val, "replica_max_diff": replica_diff}
+        if trained_steps:
+            # images/s over all ranks, measured on rank 0's clock (ranks step in lockstep under DDP)
+            metrics["train/images_per_s"] = trained_steps * c["batch_size"] * world / train_seconds
         if rank == 0:
             from models.autoencoders import AUTOENCODER_FAMILIES
             extra = {**norm.to_extra(), "latent_mean": scale_stats["latent_mean"],
