@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 __all__ = ["fit", "deepspeed_config", "worker_context", "report", "barrier_report_dir",
-           "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints"]
+           "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints",
+           "checkpoint_at"]
 
 
 def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu: bool,
@@ -23,15 +24,26 @@ def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu
     loop then finds the last reported checkpoint in `ray.train.get_checkpoint()`. The same happens
     when `name` is run again under the same `storage_path` (Ray Train restores the run's checkpoint
     list), which is how a re-entered stage continues. num_to_keep: checkpoints kept on disk (None = all).
+
+    storage_path: a local directory or a URL (s3://bucket/prefix): Ray Train then persists every
+    rank's checkpoint files there through a pyarrow filesystem (cluster.storage.pyarrow_filesystem,
+    which carries the S3 endpoint to the workers), and `.checkpoint.as_directory()` downloads.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cluster.storage import endpoint_env, is_url, pyarrow_filesystem
+    if is_url(storage_path):
+        fs, path = pyarrow_filesystem(storage_path)
+        storage = {"storage_path": path, "storage_filesystem": fs}
+        env = {**endpoint_env(), **(env or {})}   # workers reading s3:// data reach the same endpoint
+    else:
+        storage = {"storage_path": os.path.abspath(storage_path)}
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+        run_config=RunConfig(name=name, **storage,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
                              worker_runtime_env={"env_vars": dict(env or {})}),
@@ -41,12 +53,20 @@ def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu
 
 def run_checkpoints(storage_path: str, name: str) -> list[str]:
     """The checkpoint directories Ray Train persisted for run `name` under `storage_path`, oldest
-    first by name (Ray names them checkpoint_<timestamp>); [] when the run never reported one."""
-    run_dir = os.path.join(os.path.abspath(storage_path), name)
-    if not os.path.isdir(run_dir):
-        return []
-    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
-            if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))]
+    first by name (Ray names them checkpoint_<timestamp>); [] when the run never reported one.
+    With a URL storage_path the checkpoints are URLs too (listed through fsspec)."""
+    from cluster.storage import is_url, join, listdir
+    run_dir = join(storage_path if is_url(storage_path) else os.path.abspath(storage_path), name)
+    return [join(run_dir, d) for d in listdir(run_dir, dirs_only=True) if d.startswith("checkpoint_")]
+
+
+def checkpoint_at(path: str):
+    """A ray.train Checkpoint for a checkpoint directory at a local path or a URL."""
+    from ray.train import Checkpoint
+
+    from cluster.storage import pyarrow_filesystem
+    fs, p = pyarrow_filesystem(path)
+    return Checkpoint(p, filesystem=fs)
 
 
 @contextmanager
@@ -55,9 +75,13 @@ def resume_checkpoint(explicit: str | None = None) -> Iterator[str | None]:
 
     Ray Train's own checkpoint comes first: after a worker failure (FailureConfig) or when the run
     name was run before it is the newest state. Otherwise `explicit`, a checkpoint directory the
-    driver chose."""
+    driver chose (local, or a URL: downloaded to a temporary directory for the block)."""
     import ray.train
+
+    from cluster.storage import is_url
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and explicit is not None and is_url(explicit):
+        ckpt = checkpoint_at(explicit)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             yield d

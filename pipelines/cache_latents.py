@@ -6,6 +6,12 @@ Each latent sample: `{key}.mean.npy`, `{key}.std.npy` (posterior, float32, (C, h
 The cache directory is named by its key: a hash of everything that decides its bytes (autoencoder
 hash, scale, resolution, image transforms, text encoder, dataset). A finished cache with the same
 key is reused, and a changed input gets a new key: a cache cannot go stale silently.
+
+`cache.root` may be a URL (s3://bucket/latents): the cache is built locally as always, then uploaded
+under its key with manifest.json last, so the manifest's presence means the upload completed and a
+partial one is never reused. A later run (any machine) with the same key reuses it: the diffusion
+workers stream the latent shards from the bucket (pipelines/shards reads URLs through fsspec), and
+only the small files (manifest, text encoder, null text) are copied into <output_dir>/latents/<key>.
 """
 from __future__ import annotations
 
@@ -112,10 +118,14 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
                   ctx: StageContext, clip: ClipArtifact | None = None) -> LatentCacheArtifact:
     import torch
     from cluster.inference import map_with_actors, read_shards
+    from cluster.storage import check_location, is_url, join
     from models.latent_norm import load_latent_norm
     from models.text import load_text_encoder
 
-    root = Path(cfg.root).expanduser() if cfg.root else ctx.output_dir / "latents"
+    remote = cfg.root if cfg.root and is_url(cfg.root) else None
+    check_location(remote, "cache.root")
+    # A URL root: the cache is built, and its small files kept, in a local directory first.
+    root = Path(cfg.root).expanduser() if cfg.root and not remote else ctx.output_dir / "latents"
     root.mkdir(parents=True, exist_ok=True)
     tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["autoencoder_hash"]: autoencoder.autoencoder_hash,
             TAG["autoencoder_version"]: autoencoder.model_version,
@@ -132,10 +142,16 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
                                text_encoder_hash=te_hash, dataset_hash=data.dataset_hash)
         cache_dir = root / key
         manifest_path = cache_dir / "manifest.json"
-        reused = manifest_path.is_file()
-        if reused:
+        remote_dir = join(remote, key) if remote else None
+        reused = _remote_complete(remote_dir) if remote_dir else manifest_path.is_file()
+        if remote_dir and reused:
+            shutil.rmtree(staging)
+            _fetch_small_files(remote_dir, root, key)
+        elif reused:
             shutil.rmtree(staging)
         else:
+            if remote_dir and cache_dir.exists():
+                shutil.rmtree(cache_dir)   # a local copy of a remote cache that is gone: build anew
             # Build in a temp dir and rename at the end: a crash never leaves a half cache under the key.
             _remove_stale_partials(root, key)
             tmp = root / f".{key}.partial-{os.getpid()}"
@@ -168,22 +184,58 @@ def cache_latents(cfg: CacheConfig, data: DatasetArtifact, autoencoder: Autoenco
                         "dataset_hash": data.dataset_hash, "train_urls": data.train_urls}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             tmp.rename(cache_dir)
-        manifest = json.loads(manifest_path.read_text())
+            if remote_dir:
+                _upload(cache_dir, remote_dir)
+        if remote_dir:
+            from cluster.storage import read_text
+            manifest = json.loads(read_text(join(remote_dir, "manifest.json")))
+        else:
+            manifest = json.loads(manifest_path.read_text())
         ctx.tracker.set_tags(run_id, {TAG["latent_cache_key"]: key, "ldmflow.cache_reused": reused,
-                                      TAG["text_encoder_hash"]: te_hash})
+                                      TAG["text_encoder_hash"]: te_hash,
+                                      **({"ldmflow.cache_uri": remote_dir} if remote_dir else {})})
         ctx.tracker.log_dict(run_id, manifest, "manifest.json")
         ctx.tracker.log_metrics(run_id, {"num_samples": manifest["num_samples"],
                                          "num_shards": len(manifest["shards"])})
         return LatentCacheArtifact(
             directory=str(cache_dir), key=key,
-            train_urls=[str(cache_dir / s) for s in manifest["shards"]],
+            train_urls=[join(remote_dir, s) if remote_dir else str(cache_dir / s) for s in manifest["shards"]],
             num_samples=manifest["num_samples"], text_encoder_dir=str(cache_dir / "text_encoder"),
             text_encoder_hash=te_hash,
             null_text_file=str(cache_dir / "null_text.npz"), scale_factor=autoencoder.scale_factor,
             latent_shape=manifest["latent_shape"], text_shape=manifest["text_shape"],
             autoencoder_hash=autoencoder.autoencoder_hash, autoencoder_version=autoencoder.model_version,
             latent_norm=load_latent_norm(autoencoder.directory).to_dict(),
-            dataset_hash=data.dataset_hash, run_id=run_id)
+            dataset_hash=data.dataset_hash, run_id=run_id, uri=remote_dir)
+
+
+def _remote_complete(remote_dir: str) -> bool:
+    """A cache at a URL is complete when its manifest is there (uploaded last by _upload)."""
+    from cluster.storage import isfile, join
+    return isfile(join(remote_dir, "manifest.json"))
+
+
+def _upload(cache_dir: Path, remote_dir: str) -> None:
+    """Shards, text encoder, null text, then manifest.json: a reader that finds the manifest finds
+    everything it lists. The local shards go afterwards (train_urls point at the bucket)."""
+    from cluster.storage import upload_dir
+    upload_dir(cache_dir, remote_dir, last=["manifest.json"])
+    shutil.rmtree(cache_dir / "shards")
+
+
+def _fetch_small_files(remote_dir: str, root: Path, key: str) -> None:
+    """Copy a remote cache's files except its shards to root/key (atomically: a partial dir, then a
+    rename), unless an earlier run did."""
+    from cluster.storage import download_dir
+    if (root / key / "manifest.json").is_file():
+        return
+    _remove_stale_partials(root, key)
+    tmp = root / f".{key}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    download_dir(remote_dir, tmp, exclude=("shards/",))
+    if (root / key).exists():
+        shutil.rmtree(root / key)
+    tmp.rename(root / key)
 
 
 def _remove_stale_partials(root: Path, key: str) -> None:

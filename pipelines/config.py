@@ -257,6 +257,17 @@ class ClusterConfig:
     num_cpus: int | None = None     # local Ray only; None = all cores
     use_gpu: bool = False
     torch_extensions_dir: str = "~/.cache/ldmflow/torch_extensions"  # DeepSpeed JIT ops cache
+    # Where Ray Train persists checkpoints: a URL (s3://bucket/prefix) or an absolute path every node
+    # sees; None = <output_dir>/ray_results. Each output dir's stages get their own prefix under it
+    # (pipelines/stage.py StageContext.ray_storage).
+    storage_uri: str | None = None
+
+    def __post_init__(self):
+        if self.storage_uri is not None:
+            uri = self.storage_uri
+            if not uri.strip() or not ("://" in uri or uri.startswith("/")):
+                raise ConfigError(f"storage_uri: expected a URL (s3://bucket/prefix) or an absolute path, "
+                                  f"got {uri!r}")
 
 
 @dataclass

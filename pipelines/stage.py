@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from pipelines.config import PipelineConfig, config_hash, to_dict
 from pipelines.tracking import TAG, Tracker
 
 __all__ = ["StageContext", "DatasetArtifact", "AutoencoderArtifact", "ClipArtifact", "LatentCacheArtifact",
-           "DiffusionArtifact", "SampleArtifact"]
+           "DiffusionArtifact", "SampleArtifact", "check_storage"]
 
 
 @dataclass
@@ -67,6 +69,9 @@ class LatentCacheArtifact:
     # models.latent_norm.LatentNorm.to_dict() of the autoencoder: what turns cached posterior samples
     # into diffusion latents (per-tensor scale or per-channel shift/scale). None = scale_factor alone.
     latent_norm: dict | None = None
+    # With cache.root at a URL: where the cache lives (train_urls point there; `directory` is the
+    # local copy of its small files: manifest, text encoder, null text).
+    uri: str | None = None
 
 
 @dataclass
@@ -106,16 +111,40 @@ class StageContext:
         """Run a per-worker loop under Ray Train with this run's storage, GPU setting and worker env
         (`fit_kwargs`: cluster.train.fit's max_failures, num_to_keep).
         Returns (ray.train Result, its numeric metrics)."""
+        from cluster.storage import check_location
         from cluster.train import fit
+        storage = str(self.ray_storage)
+        check_location(storage, "cluster.storage_uri")   # a missing bucket fails before any worker starts
         result = fit(loop, loop_cfg, num_workers=num_workers, use_gpu=self.config.cluster.use_gpu,
-                     storage_path=str(self.ray_storage), name=name, env=self.env, **fit_kwargs)
+                     storage_path=storage, name=name, env=self.env, **fit_kwargs)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         return result, metrics
 
     @property
-    def ray_storage(self) -> Path:
-        """Where Ray Train persists this run's checkpoints (one subdirectory per run name)."""
-        return self.ray_dir or self.output_dir / "ray_results"
+    def ray_storage(self) -> Path | str:
+        """Where Ray Train persists this stage's checkpoints (one subdirectory per run name): a local
+        directory, or with cluster.storage_uri a location under that URL (a str).
+
+        The remote location is recorded in the local directory (STORAGE_POINTER), so it stays this
+        output dir's own: a resubmitted or re-entered stage finds its checkpoints again, and a forced
+        rerun, whose runner removes the local directory, starts at a fresh location instead of
+        resuming the finished run."""
+        local = self.ray_dir or self.output_dir / "ray_results"
+        uri = self.config.cluster.storage_uri
+        if uri is None:
+            return local
+        pointer = local / STORAGE_POINTER
+        if pointer.is_file():
+            recorded = pointer.read_text().strip()
+            if recorded.startswith(uri.rstrip("/") + "/"):   # else storage_uri changed: a new location
+                return recorded
+        from cluster.storage import join
+        location = join(uri, f"{self.config.name}-{local.name}-{uuid.uuid4().hex[:12]}")
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = local / f".{STORAGE_POINTER}.{os.getpid()}"
+        tmp.write_text(location + "\n")
+        os.replace(tmp, pointer)
+        return location
 
     @staticmethod
     def fresh_dir(path: Path) -> Path:
@@ -137,6 +166,7 @@ class StageContext:
         all_tags = {TAG["stage"]: name, TAG["pipeline"]: self.config.name,
                     TAG["config_hash"]: config_hash(section), TAG["code_version"]: self.code_version}
         all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+        check_storage(self.config)   # seconds, not a training run, to learn a bucket is missing
         run_id = self.tracker.start_run(name, parent_run_id=self.pipeline_run_id, tags=all_tags)
         stage_dir = self.stage_dir(name)
         (stage_dir / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
@@ -148,3 +178,16 @@ class StageContext:
             ok = True
         finally:
             self.tracker.end_run(run_id, ok=ok)
+
+
+# The file in a stage's local Ray directory that names its checkpoint location under cluster.storage_uri.
+STORAGE_POINTER = "storage_uri.txt"
+
+
+def check_storage(config: PipelineConfig) -> None:
+    """Every storage URL the pipeline writes to is reachable (its bucket exists); a
+    cluster.storage.StorageError names the config field and the bucket otherwise. Local paths pass."""
+    from cluster.storage import check_location
+    check_location(config.cache.root, "cache.root")
+    check_location(config.cluster.storage_uri, "cluster.storage_uri")
+    check_location(config.tracking.artifact_location, "tracking.artifact_location")

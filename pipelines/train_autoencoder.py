@@ -123,10 +123,11 @@ def _flat(d, prefix=""):
 
 def check_resume(checkpoint_dir: str, c: dict) -> dict:
     """The checkpoint's meta.json, after checking it was written by this training config."""
+    from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
     path = os.path.join(checkpoint_dir, META)
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise ResumeMismatchError(f"resume: {checkpoint_dir} holds no {META}; not an autoencoder checkpoint")
-    meta = json.loads(open(path).read())
+    meta = json.loads(read_text(path))
     fp, part = training_fingerprint(c)
     if meta.get("fingerprint") != fp:
         old, new = _flat(meta.get("config", {})), _flat(part)
@@ -141,11 +142,12 @@ def check_resume(checkpoint_dir: str, c: dict) -> dict:
 
 def latest_checkpoint(storage_path: str, name: str) -> str | None:
     """The highest-step complete autoencoder checkpoint Ray Train persisted for run `name`, or None."""
+    from cluster.storage import isfile, read_text   # storage_path may be a URL (cluster.storage_uri)
     best, best_step = None, -1
     for d in run_checkpoints(storage_path, name):
         meta = os.path.join(d, META)
-        if os.path.isfile(meta):          # written last by rank 0: a complete checkpoint
-            step = json.loads(open(meta).read()).get("step", -1)
+        if isfile(meta):          # written last by rank 0: a complete checkpoint
+            step = json.loads(read_text(meta)).get("step", -1)
             if step > best_step:
                 best, best_step = d, step
     return best
@@ -592,7 +594,7 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
         if int(metrics.get("step", 0)) < cfg.max_steps:
             raise RuntimeError(f"autoencoder: stopped after step {int(metrics.get('step', 0))} of "
                                f"{cfg.max_steps} (stop_after_steps); run the stage again to continue "
-                               f"from its checkpoint in {ctx.ray_storage / name}")
+                               f"from its checkpoint in {ctx.ray_storage}/{name}")
         model_dir = ctx.fresh_dir(out / "model")
         with result.checkpoint.as_directory() as d:
             shutil.copytree(f"{d}/{MODEL_DIR}", model_dir)

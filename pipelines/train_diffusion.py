@@ -92,10 +92,11 @@ def _flat(d, prefix=""):
 def check_resume(checkpoint_dir: str, c: dict) -> dict:
     """The checkpoint's meta.json, after checking it was written by this training config (loop
     config `c`); ResumeMismatchError names every field that differs otherwise."""
+    from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
     path = os.path.join(checkpoint_dir, META)
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise ResumeMismatchError(f"resume: {checkpoint_dir} holds no {META}; not a diffusion checkpoint")
-    meta = json.loads(open(path).read())
+    meta = json.loads(read_text(path))
     fp, part = training_fingerprint(c)
     if meta.get("fingerprint") != fp:
         old, new = _flat(meta.get("config", {})), _flat(part)
@@ -110,11 +111,12 @@ def check_resume(checkpoint_dir: str, c: dict) -> dict:
 
 def latest_checkpoint(storage_path: str, name: str) -> str | None:
     """The highest-step complete diffusion checkpoint Ray Train persisted for run `name`, or None."""
+    from cluster.storage import isfile, read_text   # storage_path may be a URL (cluster.storage_uri)
     best, best_step = None, -1
     for d in run_checkpoints(storage_path, name):
         meta = os.path.join(d, META)
-        if os.path.isfile(meta):          # meta.json is written last by rank 0: a complete checkpoint
-            step = json.loads(open(meta).read()).get("step", -1)
+        if isfile(meta):          # meta.json is written last by rank 0: a complete checkpoint
+            step = json.loads(read_text(meta)).get("step", -1)
             if step > best_step:
                 best, best_step = d, step
     return best
@@ -349,13 +351,13 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
         if int(metrics.get("step", 0)) < cfg.max_steps:
             raise RuntimeError(f"diffusion: stopped after step {int(metrics.get('step', 0))} of "
                                f"{cfg.max_steps} (stop_after_steps); run the stage again to continue "
-                               f"from its checkpoint in {ctx.ray_storage / name}")
+                               f"from its checkpoint in {ctx.ray_storage}/{name}")
         model_dir = ctx.fresh_dir(out / "model")
         model_dir.mkdir(parents=True)
         final_ckpt = result.checkpoint
         if final_ckpt is None and resume_from is not None:   # the run had already finished
-            from ray.train import Checkpoint
-            final_ckpt = Checkpoint.from_directory(resume_from)
+            from cluster.train import checkpoint_at
+            final_ckpt = checkpoint_at(resume_from)   # a local directory or a URL
         with final_ckpt.as_directory() as d:
             state = consolidate_zero_checkpoint(d, CKPT_TAG)
             prefix = "denoiser.net."

@@ -124,16 +124,20 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: 
 
 
 @contextmanager
-def mlflow_server(tmp: Path, timeout_s: float = 90) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts proxied through the server."""
+def mlflow_server(tmp: Path, timeout_s: float = 90, artifacts_destination: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1: SQLite backend, artifacts proxied through the server into
+    `artifacts_destination` (default a local directory; s3://... with `env` holding the endpoint)."""
     port = free_port()
     root = tmp / "mlflow-server"
     root.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1"],
-        env=_env(""), stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+         "--artifacts-destination", artifacts_destination or str(root / "artifacts"), "--serve-artifacts",
+         "--workers", "1"],
+        env={**_env(""), **(env or {})}, stdout=open(tmp / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout_s
