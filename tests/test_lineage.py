@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.cli import main
 from pipelines.provenance import LineageError, lineage_chain, promote
-from pipelines.tracking import TAG, Tracker
+from pipelines.tracking import TAG
 from tests.test_stage_cache import FakeStages, _cfg, _run
 
 
