@@ -6,7 +6,6 @@ functions that write files and count their calls; the slow test runs the tiny pi
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
