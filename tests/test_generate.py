@@ -173,8 +173,15 @@ def test_exactly_once_across_crashes(ray_local, job, tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in table) and len(set(ids)) == 9
 
     # Same arguments once more: nothing to do. Other settings: refused, nothing changed.
-    again = generate(_cfg(job, out))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    again = generate(_cfg(job, out, tracking_uri=uri))
     assert (again.num_images, again.num_generated) == (9, 0)
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(uri).get_run(again.run_id)   # the summary run: metrics, lineage tags, a grid
+    assert run.data.metrics["num_images"] == 9 and run.data.metrics["num_bad_lines"] == 2
+    assert run.data.tags["ldmflow.latent_cache_key"] == "tiny" and run.data.params["steps"] == "3"
+    assert {a.path for a in MlflowClient(uri).list_artifacts(again.run_id, "images")} == {"images/grid.png"}
+    assert json.loads((out / "summary.json").read_text())["num_images"] == 9
     with pytest.raises(GenerateError, match="another generation job.*settings"):
         generate(_cfg(job, out, steps=2))
     assert _shard_bytes(out) == _shard_bytes(root / "ref")
