@@ -191,3 +191,22 @@ def test_exactly_once_across_crashes(ray_local, job, tmp_path):
     assert hashlib.sha256(png).hexdigest() == final[1]["png_sha256"]
     meta = json.loads(next(s["json"] for s in iter_samples([str(out / "shards" / "000000.tar")])))
     assert {"id", "prompt", "seed", "sampler", "steps", "guidance_scale", "model", "code_version"} <= set(meta)
+
+
+@pytest.mark.slow
+def test_parquet_prompts_ids_and_bad_rows(ray_local, tmp_path):
+    """.parquet: the "id" column when present, else the 0-based row; null prompts and ids are bad rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pipelines.generate import _chunks, _scan
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None, "c", "d"], "id": ["x", "y", None, "x"]}), path)
+    scan = _scan(str(path))
+    assert scan.num_valid == 1
+    assert scan.bad == [{"line": 1, "error": "prompt is null, empty or not a string"},
+                        {"line": 2, "error": "id is null or empty"},
+                        {"line": 3, "error": "repeated id (first at line 0)"}]
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(5)]}), path)
+    scan = _scan(str(path))
+    chunks = list(_chunks(str(path), scan, 2, done={1}))
+    assert [(k, rows["id"]) for k, rows in chunks] == [(0, ["0", "1"]), (2, ["4"])]
