@@ -98,7 +98,16 @@ def _run_diffusion(cfg, ctx, a):
 
 def _run_samples(cfg, ctx, a):
     from pipelines.sample import sample
-    return sample(cfg.sample, a["diffusion"], a["autoencoder"], a["cache"], ctx)
+    art = sample(cfg.sample, a["diffusion"], a["autoencoder"], a["cache"], ctx)
+    if cfg.tracking.register_models:
+        # The whole text -> image pipeline as one MLflow pyfunc model (text encoder, U-Net,
+        # autoencoder, sampler settings), logged on the sample run: part of this stage, so a cached
+        # rerun registers no duplicate version.
+        from pipelines.pyfunc import log_pipeline_model
+        art.pipeline_model_version = log_pipeline_model(
+            ctx.tracker, art.run_id, a["diffusion"], a["autoencoder"], a["cache"], cfg.sample,
+            f"{cfg.tracking.model_prefix}-pipeline", aliases=[cfg.name])
+    return art
 
 
 # In run order (a topological order of the DAG).

@@ -91,6 +91,7 @@ class SampleArtifact:
     grid: str | None
     num_images: int
     run_id: str | None = None
+    pipeline_model_version: str | None = None   # the registered pyfunc (<prefix>-pipeline), if any
 
 
 @dataclass

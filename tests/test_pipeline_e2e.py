@@ -86,6 +86,15 @@ def test_model_registry_versions_and_aliases(pipeline):
     assert ae.run_id == runs["autoencoder"].info.run_id
     assert str(ae.version) == res.autoencoder.model_version
     assert ae.tags[TAG["dataset_hash"]] == res.data.dataset_hash
+    # the whole pipeline as a pyfunc model: prompts in, images out
+    import mlflow.pyfunc
+    pm = client.get_model_version_by_alias("ldmflow-pipeline", "tiny")
+    assert str(pm.version) == res.samples.pipeline_model_version
+    mlflow.set_tracking_uri(res.tracker.uri)
+    mlflow.set_registry_uri(res.tracker.uri)
+    model = mlflow.pyfunc.load_model(f"models:/ldmflow-pipeline/{pm.version}")
+    out = model.predict(["a small red circle at the top left"])
+    assert len(out) == 1 and out["image"][0][:8] == b"\x89PNG\r\n\x1a\n"
     unet = client.get_model_version_by_alias("ldmflow-unet", "tiny")
     assert unet.run_id == runs["diffusion"].info.run_id
     assert unet.tags[TAG["latent_cache_key"]] == res.cache.key
