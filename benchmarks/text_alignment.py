@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--diffusion-dir", default=None,
+                    help="a model directory to score instead of the run's final one "
+                         "(e.g. from benchmarks/export_diffusion_checkpoint.py)")
     args = ap.parse_args()
 
     import torch
@@ -65,13 +68,17 @@ def main() -> None:
     cfg = json.loads((run / "pipeline.json").read_text())["config"]
     if cfg["data"]["source"] != "shapes" or not cfg["data"]["holdout"]:
         sys.exit(f"{run}: needs a shapes run with data.holdout pairs")
-    diff = json.loads((run / "diffusion" / "artifact.json").read_text())
+    diff = ({"directory": args.diffusion_dir} if args.diffusion_dir
+            else json.loads((run / "diffusion" / "artifact.json").read_text()))
     ae = json.loads((run / "autoencoder" / "artifact.json").read_text())
     cache = json.loads((run / "cache" / "artifact.json").read_text())
     sets = {"held-out": prompts(cfg, "only", args.per_kind, args.seed),
             "seen": prompts(cfg, "exclude", args.per_kind, args.seed + 1)}
     torch.set_num_threads(torch.get_num_threads())
-    results: dict = {"run": str(run), "holdout": cfg["data"]["holdout"], "steps": args.steps,
+    step_file = Path(diff["directory"]) / "step.json"
+    results: dict = {"run": str(run), "diffusion_dir": diff["directory"],
+                     "trained_steps": json.loads(step_file.read_text())["step"] if step_file.is_file() else None,
+                     "holdout": cfg["data"]["holdout"], "steps": args.steps,
                      "per_kind": args.per_kind, "scores": {}}
     for g in [float(x) for x in args.guidance.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
