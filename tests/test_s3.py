@@ -145,6 +145,28 @@ def test_check_storage_names_the_field(s3, tmp_path):
             check_storage(cfg)
 
 
+def test_stage_refuses_a_missing_bucket_before_starting(s3, tmp_path):
+    """Every stage checks the pipeline's storage URLs first: the data stage, before any training,
+    fails naming the field and the bucket, and no stage run is opened."""
+    from pipelines.config import load_config
+    from pipelines.stage import StageContext
+    from tests.conftest import tiny_overrides
+
+    class Tracker:   # records what the stage would log
+        calls: list = []
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: self.calls.append(name)
+
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path) + ["cluster.storage_uri=s3://no-such-bucket/ray"])
+    ctx = StageContext(config=cfg, output_dir=tmp_path, tracker=Tracker(), pipeline_run_id="p", code_version="v",
+                       env={})
+    with pytest.raises(StorageError, match="cluster.storage_uri: bucket 'no-such-bucket' does not exist"):
+        with ctx.stage_run("data", cfg.data):
+            pass
+    assert Tracker.calls == []
+
+
 def test_storage_uri_validated():
     from pipelines.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="cluster.storage_uri: expected a URL"):
@@ -339,12 +361,3 @@ def test_pipeline_with_everything_in_s3(s3, tmp_path):
     assert second.data.tags[TAG["latent_cache_key"]] == key
     assert s3.last_modified(f"latents/{key}/") == times                 # nothing uploaded again
     assert (out / "latents" / key / "text_encoder").is_dir() and (out / "latents" / key / "null_text.npz").is_file()
-
-    # Bad input: a bucket that does not exist stops the run before training, naming it.
-    bad = out.parent / "bad"
-    r = _ldmflow_run(tiny_overrides(bad) + ["clip.enabled=false", "cluster.storage_uri=s3://no-such-bucket/ray"],
-                     s3.env, log)
-    text = log.read_text()
-    assert r.returncode == 2, text[-4000:]
-    assert "cluster.storage_uri: bucket 'no-such-bucket' does not exist" in text
-    assert not (bad / "stages" / "autoencoder").exists()   # stopped at the first stage's start
