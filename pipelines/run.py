@@ -227,6 +227,8 @@ def _claim_output_dir(cfg: PipelineConfig, out: Path) -> bool:
 
 def preflight(cfg: PipelineConfig, with_samples: bool = True) -> None:
     """Checks that fail in seconds what would otherwise fail after minutes of training."""
+    from pipelines.stage import check_storage
+    check_storage(cfg)   # object-store locations (cache.root, cluster.storage_uri, ...) exist
     if with_samples:
         from pipelines.sample import read_prompts
         read_prompts(cfg.sample.prompts, cfg.sample.num_per_prompt, cfg.sample.seed)
