@@ -81,11 +81,12 @@ def main() -> None:
                      "holdout": cfg["data"]["holdout"], "steps": args.steps,
                      "per_kind": args.per_kind, "scores": {}}
     for g in [float(x) for x in args.guidance.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            sampler = PromptSampler(diff["directory"], ae["directory"], cache["text_encoder_dir"],
-                                    cache["null_text_file"], cache["scale_factor"], args.steps, g, 0.0,
-                                    True, tmp)
-            for name, rows in sets.items():
+        for name, rows in sets.items():
+            # A fresh output dir per (guidance, prompt set): the sampler skips indices already on disk.
+            with tempfile.TemporaryDirectory() as tmp:
+                sampler = PromptSampler(diff["directory"], ae["directory"], cache["text_encoder_dir"],
+                                        cache["null_text_file"], cache["scale_factor"], args.steps, g, 0.0,
+                                        True, tmp)
                 t0 = time.time()
                 scores: dict[str, dict[str, list[bool]]] = {}
                 for i in range(0, len(rows), args.batch_size):
