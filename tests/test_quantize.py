@@ -238,7 +238,8 @@ def test_autoencoder_vq_shapes_and_latent_interface():
     assert torch.equal(model.quantize.codebook, cb)
     q = model.quantize(h, update=False)
     assert torch.allclose(recon, model.decode_quantized(q.z_q))
-    assert torch.allclose(model.decode_indices(q.indices), recon, atol=1e-6)
+    # same codes, same decoder; tolerance for conv kernels chosen by thread count (1e-6 failed under load)
+    assert torch.allclose(model.decode_indices(q.indices), recon, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(model.decode(h, quantize=False), recon)
     # Gradients reach the encoder through the straight-through estimator.
     model.zero_grad()
