@@ -2,6 +2,7 @@
 DeepSpeed, with checkpoints persisted by Ray and handed back as a local directory."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["fit", "deepspeed_config", "worker_context", "report", "barrier_report_dir",
            "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints",
+           "ResumeMismatchError", "checked_resume_meta", "latest_checkpoint",
            "checkpoint_at"]
 
 
@@ -147,3 +149,56 @@ def consolidate_zero_checkpoint(checkpoint_dir: str, tag: str) -> dict:
     """fp32 state dict from every rank's ZeRO shards (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable checkpoints shared by the training stages: each writes meta.json LAST (rank 0), with
+# its step, a fingerprint of the training config and the fingerprinted config itself.
+
+META = "meta.json"
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was written by another training config; names the fields that differ."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checked_resume_meta(checkpoint_dir: str, fingerprint: str, config_part: dict, what: str) -> dict:
+    """The checkpoint's meta.json, after checking it was written by the training config whose
+    fingerprint is given; ResumeMismatchError names every field that differs otherwise."""
+    from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
+    path = os.path.join(checkpoint_dir, META)
+    if not isfile(path):
+        raise ResumeMismatchError(f"resume: {checkpoint_dir} holds no {META}; not a {what} checkpoint")
+    meta = json.loads(read_text(path))
+    if meta.get("fingerprint") != fingerprint:
+        old, new = _flat(meta.get("config", {})), _flat(config_part)
+        diffs = [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
+                 for k in sorted(old.keys() | new.keys()) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+        raise ResumeMismatchError(
+            f"resume: checkpoint {checkpoint_dir} (step {meta.get('step')}) was written by another training "
+            f"config; differs in: {', '.join(diffs) or 'nothing visible (fingerprint version)'}. Restore "
+            f"those settings, or train from scratch in a new output directory.")
+    return meta
+
+
+def latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """The highest-step complete checkpoint Ray Train persisted for run `name`, or None."""
+    from cluster.storage import isfile, read_text   # storage_path may be a URL (cluster.storage_uri)
+    best, best_step = None, -1
+    for d in run_checkpoints(storage_path, name):
+        meta = os.path.join(d, META)
+        if isfile(meta):          # written last by rank 0: a complete checkpoint
+            step = json.loads(read_text(meta)).get("step", -1)
+            if step > best_step:
+                best, best_step = d, step
+    return best

@@ -45,7 +45,8 @@ import time
 
 import numpy as np
 
-from cluster.train import barrier_report_dir, report, resume_checkpoint, run_checkpoints, world_info
+from cluster.train import (META, ResumeMismatchError, barrier_report_dir, checked_resume_meta, latest_checkpoint,
+                           report, resume_checkpoint, run_checkpoints, world_info)
 from pipelines.config import AutoencoderStageConfig, config_hash, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import AutoencoderArtifact, DatasetArtifact, StageContext
@@ -55,7 +56,6 @@ __all__ = ["train_autoencoder", "autoencoder_worker", "image_batches", "training
            "check_resume", "latest_checkpoint", "ResumeMismatchError", "RFD_METRIC", "RFD_NOTE"]
 
 STATE_DIR = "train_state"
-META = "meta.json"
 MODEL_DIR = "autoencoder"
 RECON_FILE = "reconstructions.png"
 CHECKPOINTS_KEPT = 2         # on disk per run; the newest is the resume point
@@ -71,10 +71,6 @@ NOT_FINGERPRINTED = frozenset({"max_steps", "log_every", "checkpoint_every", "ma
                                "stop_after_steps", "preload_max_gb", "tracking_uri", "run_id", "use_gpu",
                                "resume_from", "eval_every", "eval_images", "eval_rfd", "val_urls",
                                "scale_batches", "latent_norm"})
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint was written by another training config; names the fields that differ."""
 
 
 def image_batches(urls, rank, world, batch_size, resolution, seed, repeat=True, preload_max_bytes=2 ** 31,
@@ -111,46 +107,11 @@ def training_fingerprint(c: dict) -> tuple[str, dict]:
     return config_hash(part), part
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume(checkpoint_dir: str, c: dict) -> dict:
-    """The checkpoint's meta.json, after checking it was written by this training config."""
-    from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
-    path = os.path.join(checkpoint_dir, META)
-    if not isfile(path):
-        raise ResumeMismatchError(f"resume: {checkpoint_dir} holds no {META}; not an autoencoder checkpoint")
-    meta = json.loads(read_text(path))
+    """The checkpoint's meta.json, after checking it was written by this training config (loop
+    config `c`); ResumeMismatchError names every field that differs otherwise."""
     fp, part = training_fingerprint(c)
-    if meta.get("fingerprint") != fp:
-        old, new = _flat(meta.get("config", {})), _flat(part)
-        diffs = [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
-                 for k in sorted(old.keys() | new.keys()) if old.get(k, "<absent>") != new.get(k, "<absent>")]
-        raise ResumeMismatchError(
-            f"resume: checkpoint {checkpoint_dir} (step {meta.get('step')}) was written by another training "
-            f"config; differs in: {', '.join(diffs) or 'nothing visible'}. Restore those settings, or "
-            f"train from scratch in a new output directory.")
-    return meta
-
-
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
-    """The highest-step complete autoencoder checkpoint Ray Train persisted for run `name`, or None."""
-    from cluster.storage import isfile, read_text   # storage_path may be a URL (cluster.storage_uri)
-    best, best_step = None, -1
-    for d in run_checkpoints(storage_path, name):
-        meta = os.path.join(d, META)
-        if isfile(meta):          # written last by rank 0: a complete checkpoint
-            step = json.loads(read_text(meta)).get("step", -1)
-            if step > best_step:
-                best, best_step = d, step
-    return best
+    return checked_resume_meta(checkpoint_dir, fp, part, "autoencoder")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from cluster.train import (barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
+from cluster.train import (META, ResumeMismatchError, checked_resume_meta, latest_checkpoint, barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
                            resume_checkpoint, run_checkpoints, world_info)
 from pipelines.config import DiffusionConfig, config_hash, to_dict
 from pipelines.lineage import dir_hash
@@ -38,7 +38,6 @@ __all__ = ["train_diffusion", "diffusion_worker", "latent_batches", "training_fi
 
 CKPT_TAG = "ds"              # DeepSpeed's subdirectory inside every checkpoint
 STATE_DIR = "train_state"
-META = "meta.json"
 LOSSES = "losses.npy"
 # Loop-config keys that do not change what a step computes: a run may resume with other values
 # (train longer, log or checkpoint more often, move the tracking server). Everything else - the
@@ -48,10 +47,6 @@ NOT_FINGERPRINTED = frozenset({"max_steps", "log_every", "checkpoint_every", "ma
                                "stop_after_steps", "preload_max_gb", "tracking_uri", "run_id",
                                "use_gpu", "resume_from"})
 CHECKPOINTS_KEPT = 2         # on disk per run; the newest is the resume point
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint was written by another training config; names the fields that differ."""
 
 
 def _latent_arrays(s: dict) -> dict:
@@ -79,47 +74,11 @@ def training_fingerprint(c: dict) -> tuple[str, dict]:
     return config_hash(part), part
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume(checkpoint_dir: str, c: dict) -> dict:
     """The checkpoint's meta.json, after checking it was written by this training config (loop
     config `c`); ResumeMismatchError names every field that differs otherwise."""
-    from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
-    path = os.path.join(checkpoint_dir, META)
-    if not isfile(path):
-        raise ResumeMismatchError(f"resume: {checkpoint_dir} holds no {META}; not a diffusion checkpoint")
-    meta = json.loads(read_text(path))
     fp, part = training_fingerprint(c)
-    if meta.get("fingerprint") != fp:
-        old, new = _flat(meta.get("config", {})), _flat(part)
-        diffs = [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
-                 for k in sorted(old.keys() | new.keys()) if old.get(k, "<absent>") != new.get(k, "<absent>")]
-        raise ResumeMismatchError(
-            f"resume: checkpoint {checkpoint_dir} (step {meta.get('step')}) was written by another training "
-            f"config; differs in: {', '.join(diffs) or 'nothing visible (fingerprint version)'}. Restore "
-            f"those settings, or train from scratch in a new output directory.")
-    return meta
-
-
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
-    """The highest-step complete diffusion checkpoint Ray Train persisted for run `name`, or None."""
-    from cluster.storage import isfile, read_text   # storage_path may be a URL (cluster.storage_uri)
-    best, best_step = None, -1
-    for d in run_checkpoints(storage_path, name):
-        meta = os.path.join(d, META)
-        if isfile(meta):          # meta.json is written last by rank 0: a complete checkpoint
-            step = json.loads(read_text(meta)).get("step", -1)
-            if step > best_step:
-                best, best_step = d, step
-    return best
+    return checked_resume_meta(checkpoint_dir, fp, part, "diffusion")
 
 
 # ----------------------------------------------------------------------------------------------
