@@ -89,6 +89,8 @@ class AutoencoderStageConfig:
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # loss.family = family
     l2_weight: float = 0.0          # extra MSE term on top of loss.rec_loss (not in LDM; speeds up short runs)
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # LDM: constant; cosine decays to 0 by max_steps
+    warmup_steps: int = 0           # linear LR warm-up (both optimizers)
     disc_lr: float | None = None    # discriminator's Adam; None = lr (LDM uses one rate for both)
     adam_betas: tuple[float, ...] = (0.5, 0.9)  # both optimizers; LDM's; (0.9, 0.999) faster without a GAN
     grad_clip: float = 1.0          # max grad norm, autoencoder and discriminator separately; 0 = off
@@ -112,7 +114,7 @@ class AutoencoderStageConfig:
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
         for name in ("l2_weight", "grad_clip", "eval_every", "eval_images", "checkpoint_every",
-                     "max_failures", "stop_after_steps"):
+                     "max_failures", "stop_after_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.disc_lr is not None and self.disc_lr <= 0:

@@ -432,11 +432,18 @@ def autoencoder_worker(c: dict) -> None:
         ema.copy_to(shadow)
         return shadow
 
+    from models.lr import LR_SCHEDULES
+    lr_at = LR_SCHEDULES[c["lr_schedule"]]
     train_seconds, trained_steps = 0.0, 0   # throughput of the steps themselves (no eval, no saving)
     while step < max_steps:
         t_step = time.perf_counter()
         gstep = step   # LDM's global_step: optimizer steps taken before this one
         x = next(batches).to(device)
+        lr_g = lr_at(step + 1, c["lr"], c["warmup_steps"], max_steps)   # a function of the step: resumes exactly
+        for g in opt_g.param_groups:
+            g["lr"] = lr_g
+        for g in opt_d.param_groups:
+            g["lr"] = lr_at(step + 1, c["disc_lr"] or c["lr"], c["warmup_steps"], max_steps)
         disc_on = loss_fn.discriminator_active(gstep)
         if disc_on:
             _init_discriminator(loss_fn.discriminator, x, world)
@@ -458,6 +465,7 @@ def autoencoder_worker(c: dict) -> None:
             torch.nn.utils.clip_grad_norm_(g_params, c["grad_clip"])
         opt_g.step()
         logs["total_loss"] = g_loss.detach()
+        logs["lr"] = lr_g
         if disc_on:
             # set_to_none drops the gradients the generator loss put into the discriminator.
             opt_d.zero_grad(set_to_none=True)

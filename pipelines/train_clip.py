@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from models.lr import warmup_cosine
 from cluster.train import barrier_report_dir, report, world_info
 from pipelines.config import ClipStageConfig, to_dict
 from pipelines.lineage import dir_hash
@@ -33,10 +34,7 @@ def _pair_arrays(resolution: int):
 
 def _lr_at(step: int, c: dict) -> float:
     """Linear warm-up then cosine decay to 0 (open_clip's default schedule)."""
-    if step <= c["warmup_steps"]:
-        return c["lr"] * step / max(1, c["warmup_steps"])
-    progress = (step - c["warmup_steps"]) / max(1, c["max_steps"] - c["warmup_steps"])
-    return 0.5 * c["lr"] * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, c["lr"], c["warmup_steps"], c["max_steps"])
 
 
 def clip_worker(c: dict) -> None:

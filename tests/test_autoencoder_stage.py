@@ -136,6 +136,8 @@ def test_latent_norm_legacy_extra_and_errors(tmp_path):
     (["autoencoder.latent_norm=pixel"], "autoencoder.latent_norm: expected one of 'tensor', 'channel'"),
     (["autoencoder.ema_decay=1.0"], "autoencoder.ema_decay: expected in [0, 1)"),
     (["autoencoder.disc_lr=0"], "autoencoder.disc_lr: expected > 0"),
+    (["autoencoder.lr_schedule=linear"], "autoencoder.lr_schedule: expected one of 'constant', 'cosine'"),
+    (["autoencoder.warmup_steps=-1"], "autoencoder.warmup_steps: expected"),
     (["autoencoder.loss.disc_start=-1"], "autoencoder.loss.disc_start: expected an int >= 0"),
     (["autoencoder.loss.disc_loss=wgan"], "autoencoder.loss.disc_loss: expected one of"),
     (["data.resolution=16", "autoencoder.loss.disc_num_layers=3"], "autoencoder.loss.disc_num_layers: 3 layers"),
@@ -293,7 +295,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(ray_local, tmp_path, shard
     """KL with posterior sampling, the GAN from step 2, model EMA: stopped after step 3 and resumed
     (explicit resume_from), or failed after step 3 and restarted by Ray Train (FailureConfig), both
     end with the same weights, optimizer states, discriminator and EMA as a run of 6 steps."""
-    kw = {"max_steps": 6, "ema_decay": 0.8, "eval_images": 4}
+    kw = {"max_steps": 6, "ema_decay": 0.8, "eval_images": 4, "lr_schedule": "cosine", "warmup_steps": 2}
     full = _final_state(_fit(tmp_path / "ray", "full", _loop_cfg(shards, **kw)))
     first = _fit(tmp_path / "ray", "part1", _loop_cfg(shards, stop_after_steps=3, **kw))
     assert first.metrics["step"] == 3
