@@ -1,0 +1,299 @@
+"""The pure parts of benchmarks/: target wording, BENCHMARKS.md rendering (failed rows, earlier
+sections kept), the one command's flow on fake benchmark scripts, and the quickstart stage
+attribution on canned stderr. No timings are measured here."""
+import json
+import sys
+import textwrap
+
+import pytest
+
+from benchmarks import quickstart_stages as qs
+from benchmarks import run_all
+
+META = {"machine": "Test CPU, 2 cores, 8 GiB RAM; CUDA: none", "versions": "python 3.11, torch x, diffusers y, ray z",
+        "command": "python benchmarks/run_all.py --out B.md", "date": "2026-11-22 10:00", "commit": "abc1234"}
+
+
+def _result(name="latent_cache", value=4.2, target=3.0, op=">=", unit="x"):
+    return {"benchmark": name, "title": run_all.BENCHMARKS[name].title, "command": f"python benchmarks/{name}.py",
+            "setup": "tiny", "table": {"columns": ["way", "images/s"], "rows": [["a", "1.0"], ["b", "4.2"]]},
+            "figures": [{"name": "b / a", "value": value, "unit": unit, "baseline": "a", "op": op,
+                         "target": target}]}
+
+
+# ----------------------------------------------------------------------------------------------
+# target wording
+
+
+@pytest.mark.parametrize("value,op,target,want", [
+    (4.2, ">=", 3.0, "met"),
+    (3.0, ">=", 3.0, "met"),                 # the target itself meets it
+    (2.4, ">=", 3.0, "missed by 20%"),       # (3 - 2.4) / 3
+    (9.0, "<=", 10.0, "met"),
+    (12.0, "<=", 10.0, "missed by 20%"),     # (12 - 10) / 10
+    (45.0, ">=", 90.0, "missed by 50%"),
+])
+def test_verdict_met_and_missed(value, op, target, want):
+    assert run_all.verdict({"value": value, "op": op, "target": target, "unit": "x"}) == want
+
+
+def test_verdict_without_value_and_bad_op():
+    assert run_all.verdict({"value": None, "op": ">=", "target": 1}) == "not measured: no value"
+    assert run_all.verdict({"value": 1.0, "op": ">=", "target": 1, "error": "pipeline exited 1"}) == \
+        "not measured: pipeline exited 1"
+    with pytest.raises(ValueError, match="^op: expected"):
+        run_all.verdict({"value": 1.0, "op": ">", "target": 1})
+
+
+def test_fmt_value_per_unit():
+    assert run_all.fmt_value(4.234, "x") == "4.23x"
+    assert run_all.fmt_value(11.25, "%") == "11.2%"
+    assert run_all.fmt_value(7.46, " min") == "7.46 min"
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+PREVIOUS = textwrap.dedent("""\
+    # Benchmarks
+
+    Some intro that the generated header replaces.
+
+    ## Training input: in memory vs streamed
+
+    | loader | samples/s |
+    |---|---|
+    | latents, in memory | 386,873 |
+
+    ### a detail
+
+    kept too
+
+    ## Quickstart stage times
+
+    | stage | time |
+    |---|---|
+    | data | 14 s |
+    """)
+
+
+def test_render_failed_row_header_and_earlier_sections():
+    results = [run_all.failed("unet_speed", "needs a CUDA device; this machine has none"),
+               _result("latent_cache", 2.4),
+               _result("generation_scaling", 12.0, 10.0, "<=", "%")]
+    md = run_all.render(results, META, PREVIOUS)
+    assert md.startswith("# Benchmarks\n")
+    for v in META.values():
+        assert v in md
+    assert "Some intro" not in md
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "| U-Net train step and sampling vs diffusers | - | - | - | failed: needs a CUDA device; " \
+           "this machine has none |" in summary
+    assert "| b / a | 2.40x vs a | >= 3.00x | missed by 20% |" in summary
+    assert "| b / a | 12.0% vs a | <= 10.0% | missed by 20% |" in summary
+    # One section per benchmark in registry order, each marked; the failed one says why.
+    heads = [h for h, _ in run_all.split_sections(md)]
+    assert heads == ["Summary", run_all.BENCHMARKS["unet_speed"].title, run_all.BENCHMARKS["latent_cache"].title,
+                     run_all.BENCHMARKS["generation_scaling"].title, "Earlier measurements"]
+    sections = dict(run_all.split_sections(md))
+    assert "<!-- run_all: unet_speed 2026-11-22 10:00 abc1234 -->" in sections[heads[1]]
+    assert "| unet_speed | failed: needs a CUDA device; this machine has none |" in sections[heads[1]]
+    assert "| way | images/s |" in sections[heads[2]] and "| a | 1.0 |" in sections[heads[2]]
+    # Hand-written sections one level down, verbatim otherwise.
+    earlier = sections["Earlier measurements"]
+    assert "### Training input: in memory vs streamed" in earlier
+    assert "#### a detail\n\nkept too" in earlier
+    assert "### Quickstart stage times" in earlier and "| data | 14 s |" in earlier
+
+
+def test_render_again_keeps_earlier_once_and_other_benchmarks_with_only():
+    first = run_all.render([_result("latent_cache", 4.0), _result("generation_scaling", 5.0, 10.0, "<=", "%")],
+                           META, PREVIOUS)
+    meta2 = {**META, "date": "2026-11-23 09:00", "commit": "def5678"}
+    second = run_all.render([_result("latent_cache", 3.5)], meta2, first)   # as --only latent_cache
+    sections = dict(run_all.split_sections(second))
+    gen = sections[run_all.BENCHMARKS["generation_scaling"].title]
+    assert "<!-- run_all: generation_scaling 2026-11-22 10:00 abc1234 -->" in gen   # kept, with its stamp
+    lat = sections[run_all.BENCHMARKS["latent_cache"].title]
+    assert "2026-11-23 09:00 def5678" in lat and "| b / a | 3.50x | a | >= 3.00x | met |" in lat
+    assert second.count("## Earlier measurements") == 1
+    assert second.count("### Training input: in memory vs streamed") == 1
+    assert second.count("## Summary") == 1
+
+
+def test_normalize_foreign_json_keeps_printed_table():
+    out = "some text\n| model | ms |\n|---|---|\n| ours | 3.1 |\n"
+    r = run_all.normalize("unet_speed", {"rows": [{"model": "ours", "ms": 3.1}]}, out)
+    assert r["markdown"] == "| model | ms |\n|---|---|\n| ours | 3.1 |" and r["figures"] == []
+    md = run_all.render([r], META)
+    assert "| ours | 3.1 |" in md and "its JSON has no figures" in md
+
+
+def test_unet_speed_json_becomes_figures_without_targets():
+    v = lambda s: {"median_s": s}   # noqa: E731
+    data = {"markdown": "Training step ...\n\n| variant | median s/step |\n|---|---|\n| ours | 0.1 |",
+            "training": {"variants": {"diffusers fp32": v(0.30), "diffusers bf16": v(0.20),
+                                      "ldmflow fp32": v(0.25), "ldmflow bf16": v(0.10)}},
+            "sampling": {"samplers": {"ddim": {"variants": {"diffusers fp32": v(2.0), "ldmflow fp32": v(2.5)}},
+                                      "dpmpp_2m": {"variants": {"ldmflow fp32": v(1.0)}}}}}   # no diffusers side
+    r = run_all.normalize("unet_speed", data, "ignored stdout")
+    assert r["markdown"].startswith("Training step ...")
+    assert [(f["name"], round(f["value"], 3)) for f in r["figures"]] == [
+        ("training step: speed, best ldmflow vs best diffusers", 2.0),      # 0.20 / 0.10
+        ("sampling ddim: speed, best ldmflow vs best diffusers", 0.8)]      # 2.0 / 2.5
+    assert run_all.verdict(r["figures"][0]) == "no target set"
+    md = run_all.render([r], {**META, "quick": True})
+    assert "| U-Net train step and sampling vs diffusers | training step: speed, best ldmflow vs best " \
+           "diffusers | 2.00x vs best diffusers variant | - | no target set |" in md
+    assert "Smoke sizes (--quick)" in md and "| ours | 0.1 |" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# the one command, on fake benchmark scripts (no timing)
+
+
+def _fake_registry(tmp_path, monkeypatch):
+    good = tmp_path / "good.py"
+    good.write_text(textwrap.dedent(f"""\
+        import json, sys
+        a = sys.argv[1:]
+        res = {json.dumps(_result("latent_cache", 5.0))}
+        res["setup"] = "quick" if "--quick" in a else "full"
+        open(a[a.index("--json") + 1], "w").write(json.dumps(res))
+        """))
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nprint('loading', file=sys.stderr)\nraise SystemExit('boom: out of memory')\n")
+    reg = {"unet_speed": run_all.Benchmark(str(tmp_path / "missing.py"), "U-Net speed"),
+           "latent_cache": run_all.Benchmark(str(good), "Latent cache"),
+           "generation_scaling": run_all.Benchmark(str(bad), "Generation"),
+           "quickstart_stages": run_all.Benchmark(str(good), "Quickstart", needs_cuda=True)}
+    monkeypatch.setattr(run_all, "BENCHMARKS", reg)
+    monkeypatch.setattr(run_all, "_cuda_available", lambda: False)
+
+
+def test_run_all_main_writes_every_row_and_goes_on_after_failures(tmp_path, monkeypatch, capsys):
+    _fake_registry(tmp_path, monkeypatch)
+    out = tmp_path / "B.md"
+    out.write_text(PREVIOUS)
+    assert run_all.main(["--quick", "--out", str(out)]) == 0
+    md = out.read_text()
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "missing.py does not exist (yet)" in summary
+    assert "| Latent cache | b / a | 5.00x vs a | >= 3.00x | met |" in summary
+    assert "failed: exit 1: loading / boom: out of memory" in summary
+    assert "| Quickstart | - | - | - | failed: needs a CUDA device; this machine has none |" in summary
+    assert ": quick" in md                                   # --quick reached the script
+    assert "### Quickstart stage times" in md
+    assert "--quick --out" in md                             # the exact command in the header
+
+
+def test_run_all_only_runs_one(tmp_path, monkeypatch):
+    _fake_registry(tmp_path, monkeypatch)
+    out = tmp_path / "B.md"
+    run_all.main(["--only", "latent_cache", "--out", str(out)])
+    heads = [h for h, _ in run_all.split_sections(out.read_text())]
+    assert heads == ["Summary", "Latent cache"]
+    assert ": full" in out.read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# quickstart stage attribution
+
+
+CANNED = textwrap.dedent("""\
+    2026-11-22 10:00:01,000\tINFO worker.py:1 -- Started a local Ray instance.
+    [ldmflow 10:00:02] data: no earlier output; running (key 1a2b3c4d)
+    (_write_generated_shard pid=123) something on stderr
+    [ldmflow 10:00:16] data: done in 14s (key 1a2b3c4d)
+    [ldmflow 10:00:16] autoencoder: up to date (key 5e6f), reusing finished stage from /x/autoencoder
+    [ldmflow 10:00:17] cache: config changed (cache.batch_size); running (key 77aa)
+    generate:  50%|#####     | 16/32 [00:05<00:05,  3.0img/s]
+    [ldmflow 10:00:50] cache: done in 33s (key 77aa)
+    [ldmflow 10:00:51] samples: no earlier output; running (key 99bb)
+    [ldmflow 10:00:52] model /x/bundle: scanning prompts p.txt
+    [ldmflow 10:00:52] 32 prompts in 2 chunks; 0 committed before, 32 images to make -> /x/samples
+    [ldmflow 10:01:03] samples: done in 12s (key 99bb)
+    """)
+
+
+def test_parse_line_kinds():
+    assert qs.parse_line("[ldmflow 10:00:16] data: done in 14s (key 1a2b)\n") == \
+        qs.StageEvent("10:00:16", "data", "done", 14.0)
+    assert qs.parse_line("[ldmflow 10:00:02] data: forced (--force); running (key 1a2b)").kind == "running"
+    assert qs.parse_line("[ldmflow 10:00:02] autoencoder: up to date (key 5e), reusing x").kind == "cached"
+    assert qs.parse_line("[ldmflow 10:00:52] model /x: scanning prompts p.txt") is None
+    assert qs.parse_line("[ldmflow 10:01:00] compare: table in /x/table.md (10:01:00)") is None
+    assert qs.parse_line("data: done in 14s (key 1a2b)") is None
+
+
+def test_stage_times_from_canned_stderr():
+    c = qs.clock_from_text(CANNED)
+    assert list(c.stages) == ["data", "autoencoder", "cache", "samples"]
+    assert {k: (s.status, s.seconds) for k, s in c.stages.items()} == {
+        "data": ("ran", 14.0), "autoencoder": ("cached", None), "cache": ("ran", 33.0), "samples": ("ran", 12.0)}
+    res = qs.result(c, wall=None, command="cmd", setup="canned")
+    rows = res["table"]["rows"]
+    assert rows[0] == ["data", "ran", "14", "24%", "not measured"]      # 14 / (14 + 33 + 12)
+    assert rows[-1][:3] == ["**total**", "exit 0", "59"]
+    fig = res["figures"][0]
+    assert fig["value"] == pytest.approx(59 / 60) and run_all.verdict(fig) == "met"
+
+
+def test_memory_samples_charged_to_the_running_stage():
+    c = qs.StageClock()
+    lines = CANNED.splitlines()
+    c.sample(100)                                   # Ray starting: before any stage
+    for line in lines[:3]:
+        c.feed(line)
+    c.sample(500)
+    c.sample(700)
+    c.feed(lines[3])                                # data done
+    c.sample(300)                                   # between stages
+    for line in lines[4:6]:
+        c.feed(line)
+    c.sample(900)
+    s = c.stages
+    assert (s[qs.STARTUP].peak_rss, s["data"].peak_rss, s[qs.BETWEEN].peak_rss, s["cache"].peak_rss) == \
+        (100, 700, 300, 900)
+    assert s["data"].samples == 2 and s["autoencoder"].samples == 0
+    res = qs.result(c, wall=1200.0, command="cmd", setup="live", rc=0)
+    total = res["table"]["rows"][-1]
+    assert total[2] == "1200" and total[4] == f"{900 / 2 ** 30:.2f}"
+    assert run_all.verdict(res["figures"][0]) == "missed by 100%"   # 20 min vs <= 10
+
+
+def test_failed_pipeline_run_is_not_a_figure():
+    res = qs.result(qs.clock_from_text(CANNED), wall=30.0, command="cmd", setup="x", rc=1)
+    assert res["table"]["rows"][-1][1] == "exit 1"
+    assert run_all.verdict(res["figures"][0]).startswith("not measured: the pipeline exited 1")
+
+
+def test_stage_times_from_run_dir_records(tmp_path):
+    for stage, key, secs, fin in (("data", "k1", 14.2, "2026-11-22T10:00:16"),
+                                  ("data", "k0", 99.0, "2026-11-21T10:00:00"),     # an older key: ignored
+                                  ("diffusion", "k2", 469.0, "2026-11-22T10:09:00")):
+        d = tmp_path / "stages" / stage
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{key}.json").write_text(json.dumps({"stage": stage, "key": key, "seconds": secs, "finished": fin}))
+    c = qs.clock_from_run_dir(tmp_path)
+    assert [(k, s.seconds) for k, s in c.stages.items()] == [("data", 14.2), ("diffusion", 469.0)]
+    with pytest.raises(FileNotFoundError, match="no stage records"):
+        qs.clock_from_run_dir(tmp_path / "nothing")
+
+
+def test_tree_rss_counts_children():
+    import os
+    import subprocess
+    import time
+    own = qs.tree_rss(os.getpid())
+    p = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        deadline = time.time() + 20
+        while qs.tree_rss(os.getpid()) < own + (60 << 20) and time.time() < deadline:
+            time.sleep(0.2)
+        assert qs.tree_rss(os.getpid()) >= own + (60 << 20)   # the child's 64 MiB counted
+    finally:
+        p.kill()
+        p.wait()
+    assert qs.tree_rss(p.pid) == 0                            # gone: no error
