@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 __all__ = ["fit", "deepspeed_config", "worker_context", "report", "barrier_report_dir",
            "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints",
            "ResumeMismatchError", "checked_resume_meta", "latest_checkpoint",
-           "checkpoint_at"]
+           "checkpoint_at", "average_gradients", "average_buffers"]
 
 
 def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu: bool,
@@ -114,6 +114,41 @@ def barrier_report_dir() -> Iterator[str]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def average_gradients(params, world: int) -> None:
+    """Average .grad of `params` over ranks with one flat all_reduce (for modules outside DDP)."""
+    import torch
+    import torch.distributed as dist
+    params = [p for p in params if p.grad is not None]
+    if world == 1 or not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
+
+
+def average_buffers(module, world: int) -> None:
+    """Average the floating-point buffers of `module` over ranks with one all_reduce (BatchNorm
+    running statistics, EMA codebooks): replicas trained on different batches stay identical."""
+    import torch
+    import torch.distributed as dist
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if world == 1 or not bufs:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for b in bufs:
+        n = b.numel()
+        b.copy_(flat[i:i + n].view_as(b).to(b.dtype))
+        i += n
 
 
 def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_steps: int,

@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="rerun this stage (and the stages after it) even if its cached output is up to "
                           "date; repeatable (data, autoencoder, clip, cache, diffusion, samples)")
+    cmp_ = sub.add_parser("compare", help="train every baseline family and the LDM on the same data at one "
+                                          "budget, evaluate them, write the comparison table")
+    cmp_.add_argument("config", help="pipeline YAML, or a packaged name (compare_emoji)")
+    cmp_.add_argument("overrides", nargs="*", help="section.key=value, e.g. compare.budget_seconds=300")
+    cmp_.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    cmp_.add_argument("--force", action="append", default=[], metavar="STAGE",
+                      help="rerun this stage even if cached (data, baseline-<family>, evaluate-<family>, "
+                           "or a pipeline stage); repeatable")
     lin = sub.add_parser("lineage", help="the chain behind an image, run or model, back to data and code")
     lin.add_argument("target", help="an image file or id, an MLflow run id, or models:/NAME@ALIAS|/VERSION")
     lin.add_argument("--graph", metavar="PNG", help="also draw the chain to this PNG (logged to the target's run)")
@@ -141,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"val shards: {len(res.data.val_urls)} ({res.data.num_val} images) in {res.output_dir}/data")
             print(f"dataset hash: {res.data.dataset_hash}")
             return 0
+        if args.cmd == "compare":
+            from pipelines.compare import COMPARE_DIR, compare
+            rows = compare(cfg, args.address, force=tuple(args.force))
+            table = os.path.join(cfg.output_dir, COMPARE_DIR, "table.md")
+            with open(table) as f:
+                print(f.read())
+            failed = [n for n, r in rows.items() if r.get("error")]
+            print(f"table: {table}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+            return 1 if failed else 0
         res = run_pipeline(cfg, args.address, force=args.force)
     except bad_input as e:
         print(f"ldmflow: error: {e}", file=sys.stderr)

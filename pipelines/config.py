@@ -245,6 +245,83 @@ class SampleConfig:
 
 
 @dataclass
+class BaselineStageConfig:
+    """The `train_baseline` stage: one family of models/baselines (a flat registry) under Ray Train.
+    `model` holds the family's own Config fields; in_channels and resolution come from the data."""
+    family: str = "vae"             # a key of models.baselines.BASELINES
+    model: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32            # per worker
+    max_steps: int = 1000           # optimizer steps (closed-form families: ignored)
+    max_seconds: float = 0.0        # training wall-time budget, for equal-budget comparisons; 0 = steps only
+    num_workers: int = 2            # Ray Train workers (gradients averaged over ranks)
+    log_every: int = 25
+    seed: int = 0
+    checkpoint_every: int = 0       # steps between resumable checkpoints; 0 = only the last
+    max_failures: int = 2           # Ray Train restarts from the last checkpoint after a worker failure
+    fit_batches: int = 0            # closed-form families (ppca): batches per rank; 0 = one pass over the data
+    preload_max_gb: float = 0.5     # a rank's image shards up to this size are decoded once into RAM
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "max_steps", "num_workers", "log_every")
+        for name in ("max_seconds", "checkpoint_every", "max_failures", "fit_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        from models.baselines import BASELINES
+        if self.family not in BASELINES:
+            raise ConfigError(f"family: unknown baseline {self.family!r} (expected one of "
+                              f"{', '.join(sorted(BASELINES))})")
+        for name in ("in_channels", "resolution"):
+            if name in self.model:
+                raise ConfigError(f"model.{name}: set by the data (data.resolution, RGB), not here")
+
+
+@dataclass
+class EvaluateConfig:
+    """The `evaluate` stage: the same scores for any model (a baseline or the latent diffusion
+    pipeline), on the held-out split."""
+    num_samples: int = 256          # images generated (through `ldmflow generate`) for FD and precision/recall
+    batch_size: int = 32            # generation batch
+    concurrency: int = 1            # generation actors
+    features: Literal["efficientnet_lite0", "inception"] = "efficientnet_lite0"
+    inception_weights: str | None = None  # a pt_inception-2015-12-05 state dict; required for features=inception
+    knn_k: int = 3                  # k of k-NN precision/recall (Kynkaanniemi et al. 2019)
+    bpd_images: int = 256           # held-out images for bits/dim (likelihood models); 0 = all
+    real_images: int = 0            # held-out images as the reference set; 0 = all
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "num_samples", "batch_size", "concurrency", "knn_k")
+        for name in ("bpd_images", "real_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.features == "inception" and not self.inception_weights:
+            raise ConfigError("inception_weights: features=inception needs the path of InceptionV3 FID weights "
+                              "(they cannot be downloaded here)")
+
+
+@dataclass
+class CompareConfig:
+    """`ldmflow compare`: every family and the latent diffusion model on the same data, at the same
+    training wall-time budget, scored by the evaluate stage."""
+    families: tuple[str, ...] = ("ppca", "vae", "vqvae", "pixelcnn", "imagegpt", "dcgan", "stylegan",
+                                 "glow", "ddpm")
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-family model fields
+    batch_size: dict[str, int] = field(default_factory=dict)         # per-family batch (default baseline.batch_size)
+    budget_seconds: float = 600.0   # training wall time per baseline (the LDM row reports its own)
+    include_ldm: bool = True        # also run the pipeline's own stages and evaluate its samples
+
+    def __post_init__(self):
+        _positive(self, "budget_seconds")
+        from models.baselines import BASELINES
+        for name in (*self.families, *self.models, *self.batch_size):
+            if name not in BASELINES:
+                raise ConfigError(f"families: unknown baseline {name!r} (expected one of "
+                                  f"{', '.join(sorted(BASELINES))})")
+        if len(set(self.families)) != len(self.families):
+            raise ConfigError(f"families: listed twice: {sorted({f for f in self.families if self.families.count(f) > 1})}")
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None               # None = sqlite:///<output_dir>/mlflow.db (embedded)
     artifact_location: str | None = None  # None = <output_dir>/mlartifacts
@@ -283,6 +360,9 @@ class PipelineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    baseline: BaselineStageConfig = field(default_factory=BaselineStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -315,6 +395,7 @@ class PipelineConfig:
         if self.sample.steps > self.diffusion.schedule.num_timesteps:
             raise ConfigError(f"sample.steps: at most diffusion.schedule.num_timesteps "
                               f"({self.diffusion.schedule.num_timesteps}), got {self.sample.steps}")
+        self._check_baseline_models()
         if self.clip.enabled:
             if self.cache.text_encoder.pretrained is not None:
                 raise ConfigError("clip.enabled: trains the text encoder from scratch, but "
@@ -322,6 +403,29 @@ class PipelineConfig:
             if self.clip.vision.image_size != self.data.resolution:
                 raise ConfigError(f"clip.vision.image_size: expected data.resolution "
                                   f"({self.data.resolution}), got {self.clip.vision.image_size}")
+
+
+    def baseline_model(self, family: str | None = None) -> dict[str, Any]:
+        """The model config dict of a baseline family: its compare.models entry (or baseline.model
+        for baseline.family), with the data's channels and resolution."""
+        family = family or self.baseline.family
+        fields = self.compare.models.get(family, self.baseline.model if family == self.baseline.family else {})
+        return {**fields, "in_channels": 3, "resolution": self.data.resolution}
+
+    def _check_baseline_models(self) -> None:
+        from models.baselines import baseline_class
+        data = {"in_channels": 3, "resolution": self.data.resolution}
+        checks = [("baseline.model", self.baseline.family, self.baseline.model),
+                  *((f"compare.models.{f}", f, m) for f, m in self.compare.models.items())]
+        for path, family, fields in checks:
+            try:
+                cls = baseline_class(family)
+            except ImportError:
+                continue   # a family whose module is missing fails when it is trained, naming itself
+            try:
+                cls.Config.from_dict({**fields, **data})
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{path}.{e}") from None
 
 
 def _text_width(model: str) -> int:

@@ -175,7 +175,10 @@ def _registry_version(ref: str, uri: str | None):
 
 def _bundle_in(directory: Path) -> ModelBundle | None:
     """A bundle dir, a saved pyfunc (artifacts/bundle), or a finished pipeline output dir."""
-    from pipelines.pyfunc import BUNDLE_FILE, bundle_from_pipeline
+    from pipelines.pyfunc import BUNDLE_FILE, BaselineBundle, bundle_from_pipeline
+    for d in (directory, directory / "baseline", directory / "model"):
+        if BaselineBundle.is_baseline_dir(d):   # a baseline family's model (train_baseline)
+            return BaselineBundle(model_dir=str(d.resolve()))
     if (directory / BUNDLE_FILE).is_file():
         return ModelBundle.from_dir(directory)
     if (directory / "artifacts" / "bundle" / BUNDLE_FILE).is_file():
@@ -207,7 +210,7 @@ def resolve_model(ref: str, tracking_uri: str | None = None, download_dir: str |
         return ResolvedModel(ref=ref, source=str(d.resolve()), tracking_uri=uri, bundle=bundle)
     client, mv = _registry_version(ref, uri)
     tags = dict(mv.tags or {})
-    if tags.get(KIND_TAG) != "pipeline":
+    if tags.get(KIND_TAG) not in ("pipeline", "baseline"):
         target = tags.get(PIPELINE_MODEL_TAG)
         if not target:
             raise ModelRefError(f"model: {ref} (models:/{mv.name}/{mv.version}) is not an ldmflow pipeline model "
@@ -470,10 +473,10 @@ class ChunkWriter:
     def __init__(self, source: str, tracking_uri: str | None, settings: dict, out: str, job_meta: dict,
                  batch_size: int, fault: str = ""):
         import torch
-        from pipelines.pyfunc import BundleSampler
+        from pipelines.pyfunc import make_sampler
         if not torch.cuda.is_available():
             torch.set_num_threads(1)   # one CPU per actor; regenerate() uses the same count
-        self.sampler = BundleSampler(_materialize(source, tracking_uri), SamplerSettings.from_dict(settings))
+        self.sampler = make_sampler(_materialize(source, tracking_uri), SamplerSettings.from_dict(settings))
         self.out = _Out(out)
         self.meta = job_meta
         self.batch_size = batch_size
@@ -577,6 +580,8 @@ def _check_settings(bundle: ModelBundle, s: SamplerSettings) -> None:
     from models.denoiser import ObjectiveConfig
     from models.samplers import SAMPLER_OBJECTIVES, sampler_timesteps
     from models.schedules import ScheduleConfig
+    if not hasattr(bundle, "diffusion_dir"):
+        return   # a baseline family samples its own way
     d = Path(bundle.diffusion_dir)
     schedule = ScheduleConfig.from_dict(json.loads((d / "schedule.json").read_text()))
     obj = d / "objective.json"
@@ -743,7 +748,7 @@ def regenerate(out: str, prompt_id: str, tracking_uri: str | None = None) -> byt
     """Remake one committed image, bit for bit: its whole sub-batch is sampled again (the same
     prompts and seeds, read from its shard) with the job's model and settings, on one CPU thread
     like the actors. Returns the PNG bytes."""
-    from pipelines.pyfunc import BundleSampler, png_bytes, torch_threads
+    from pipelines.pyfunc import make_sampler, png_bytes, torch_threads
     o = _Out(out)
     job = json.loads(o.read(JOB_FILE))
     table = read_manifest(out)
@@ -758,7 +763,7 @@ def regenerate(out: str, prompt_id: str, tracking_uri: str | None = None) -> byt
     settings = SamplerSettings.from_dict({k: v for k, v in job["parts"]["settings"].items() if k in keys})
     bundle = _materialize(job["model_source"], tracking_uri or job.get("tracking_uri"))
     with torch_threads(1):
-        images = BundleSampler(bundle, settings, device="cpu").sample([m["prompt"] for m in batch],
+        images = make_sampler(bundle, settings, device="cpu").sample([m["prompt"] for m in batch],
                                                                      [m["seed"] for m in batch])
     j = [m["id"] for m in batch].index(prompt_id)
     return png_bytes(images[j])

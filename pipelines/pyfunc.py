@@ -292,6 +292,71 @@ class BundleSampler:
         return ((x.numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
 
+@dataclass
+class BaselineBundle:
+    """A baseline family's model directory (models.baselines.save_baseline) as a generation model:
+    unconditional, so prompts only name and seed the images."""
+    model_dir: str
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    lineage: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def is_baseline_dir(directory: str | Path) -> bool:
+        f = Path(directory) / "config.json"
+        if not (f.is_file() and (Path(directory) / "model.safetensors").is_file()):
+            return False
+        try:
+            return "family" in json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return False
+
+    @property
+    def family(self) -> str:
+        return json.loads((Path(self.model_dir) / "config.json").read_text())["family"]
+
+    def content_hash(self) -> str:
+        from pipelines.lineage import dir_hash
+        return dir_hash(self.model_dir)
+
+
+class BaselineSampler:
+    """`sample(prompts, seeds)` -> uint8 images (N, H, W, 3) from a baseline family. The batch's
+    noise comes from one generator seeded by its first seed (families sample a batch at once), so an
+    image depends on its batch; `ldmflow generate` fixes batch composition, which makes it
+    reproducible bit for bit, like the stochastic diffusion samplers."""
+
+    def __init__(self, bundle: BaselineBundle, settings: SamplerSettings | None = None, device: str | None = None):
+        import torch
+        from models.baselines import load_baseline
+        self.torch = torch
+        self.bundle = bundle
+        self.settings = settings or bundle.settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, _ = load_baseline(bundle.model_dir, map_location="cpu")
+        self.model.to(self.device).eval()
+        self.resolution = self.model.config.resolution
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        torch = self.torch
+        if len(prompts) != len(seeds):
+            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        if not prompts:
+            return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+        gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]))
+        with torch.no_grad():
+            x = self.model.sample(len(prompts), generator=gen).float().clamp(-1, 1).cpu()   # (N, C, H, W)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return ((x.numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+
+def make_sampler(bundle, settings: SamplerSettings | None = None, device: str | None = None):
+    """The sampler for a bundle: the text -> image pipeline or a baseline family."""
+    if isinstance(bundle, BaselineBundle):
+        return BaselineSampler(bundle, settings, device)
+    return BundleSampler(bundle, settings, device)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes (deterministic: no timestamps, fixed compression)."""
     from PIL import Image

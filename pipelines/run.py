@@ -346,12 +346,18 @@ def _set_aside_latents(prev: dict | None) -> tuple[Path, Path] | None:
     return d, aside
 
 
-def _stage(ctx: StageContext, spec: StageSpec, arts: dict, forced: bool) -> tuple[Any, dict]:
+def _stage(ctx: StageContext, spec: StageSpec, arts: dict, forced: bool, specs: dict | None = None,
+           stage_config: dict | None = None) -> tuple[Any, dict]:
+    """One stage through the cache. `specs`: the DAG its inputs come from (default STAGES; `ldmflow
+    compare` adds per-family stages); `stage_config`: the resolved config it reads, when it is not
+    a section of its own (default _stage_config)."""
     cfg, out = ctx.config, ctx.output_dir
     name = spec.name
-    inputs = {n: getattr(arts[n], STAGES[n].identity) for n in spec.inputs if arts.get(n) is not None}
+    specs = specs or STAGES
+    inputs = {n: getattr(arts[n], specs[n].identity) for n in spec.inputs if arts.get(n) is not None}
     code = stage_code_hash(spec.module)
-    key, parts = stage_key(name, _stage_config(cfg, name), inputs, code, _external_inputs(cfg, name))
+    config = stage_config if stage_config is not None else _stage_config(cfg, name)
+    key, parts = stage_key(name, config, inputs, code, _external_inputs(cfg, name))
     root = out / STAGES_DIR / name
     root.mkdir(parents=True, exist_ok=True)
     record_path = root / f"{key}.json"
@@ -360,7 +366,8 @@ def _stage(ctx: StageContext, spec: StageSpec, arts: dict, forced: bool) -> tupl
         _point_current(out, name, Path(rec["dir"]))
         _say(f"{name}: up to date (key {key}), reusing finished stage from {rec['dir']}")
         return spec.artifact(**rec["artifact"]), {"status": "cached", "key": key, "dir": rec["dir"],
-                                                  "run_id": rec.get("run_id"), "reason": ""}
+                                                  "run_id": rec.get("run_id"), "reason": "",
+                                                  "seconds": rec.get("seconds")}
     reason = "forced (--force)" if forced else _why_stale(_current_record(out, name), parts)
     # A forced rerun builds beside the finished output of its key, which stays the cache hit until
     # the replacement is complete; otherwise an interrupted attempt of this key continues in place.
@@ -389,12 +396,12 @@ def _stage(ctx: StageContext, spec: StageSpec, arts: dict, forced: bool) -> tupl
     _write_json_atomic(record_path, {"format": RECORD_FORMAT, "stage": name, "key": key, "key_parts": parts,
                                      "dir": str(attempt), "artifact": dataclasses.asdict(art),
                                      "run_id": art.run_id, "pipeline_run_id": ctx.pipeline_run_id,
-                                     "code_version": ctx.code_version,
+                                     "code_version": ctx.code_version, "seconds": time.time() - t0,
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     _point_current(out, name, attempt)
     _say(f"{name}: done in {time.time() - t0:.0f}s (key {key})")
     return art, {"status": "forced" if forced else "ran", "key": key, "dir": str(attempt),
-                 "run_id": art.run_id, "reason": reason}
+                 "run_id": art.run_id, "reason": reason, "seconds": time.time() - t0}
 
 
 # ----------------------------------------------------------------------------------------------

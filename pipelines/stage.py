@@ -14,7 +14,8 @@ from pipelines.config import PipelineConfig, config_hash, to_dict
 from pipelines.tracking import TAG, Tracker
 
 __all__ = ["StageContext", "DatasetArtifact", "AutoencoderArtifact", "ClipArtifact", "LatentCacheArtifact",
-           "DiffusionArtifact", "SampleArtifact", "check_storage"]
+           "DiffusionArtifact", "SampleArtifact", "BaselineArtifact",
+           "EvaluationArtifact", "check_storage"]
 
 
 @dataclass
@@ -92,6 +93,27 @@ class SampleArtifact:
     num_images: int
     run_id: str | None = None
     pipeline_model_version: str | None = None   # the registered pyfunc (<prefix>-pipeline), if any
+
+
+@dataclass
+class BaselineArtifact:
+    directory: str             # models.baselines.save_baseline: model.safetensors + config.json (family)
+    family: str
+    baseline_hash: str         # content hash of that directory
+    dataset_hash: str
+    model_version: str | None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)   # step, train_seconds, train/images_per_s
+
+
+@dataclass
+class EvaluationArtifact:
+    directory: str             # metrics.json, samples (generate's output), sample grid
+    model: str                 # what was scored: a baseline family or "ldm"
+    model_hash: str            # content hash of the scored model
+    dataset_hash: str
+    metrics: dict[str, float | str] = field(default_factory=dict)   # "n/a" where a metric does not apply
+    run_id: str | None = None
 
 
 @dataclass

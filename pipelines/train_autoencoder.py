@@ -119,20 +119,9 @@ def check_resume(checkpoint_dir: str, c: dict) -> dict:
 
 
 def _average_grads(params, world: int) -> None:
-    """Average .grad of `params` over ranks with one flat all_reduce (for modules outside DDP)."""
-    import torch
-    import torch.distributed as dist
-    params = [p for p in params if p.grad is not None]
-    if world == 1 or not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[i:i + n].view_as(p.grad))
-        i += n
+    """Average .grad of `params` over ranks (cluster.train.average_gradients)."""
+    from cluster.train import average_gradients
+    average_gradients(params, world)
 
 
 def _broadcast_module(module, world: int) -> None:

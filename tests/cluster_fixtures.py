@@ -72,6 +72,19 @@ def _env(token: str) -> dict[str, str]:
     return env
 
 
+def _node_ports(head: bool) -> list[str]:
+    """Free ports for every listener a node opens whose default is fixed (the dashboard agent's
+    52365, the Ray client server's 10001, ...): two nodes of this cluster, or any other Ray on the
+    machine (a test session's own, a user's), would otherwise collide and a node's agent or the
+    head's dashboard modules fail to start."""
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    if head:
+        ports.append(f"--ray-client-server-port={free_port()}")
+    return ports
+
+
 @contextmanager
 def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: float = 120) -> Iterator[RayCluster]:
     """A head (dashboard on 127.0.0.1) plus one worker node, both with token auth."""
@@ -83,7 +96,8 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: 
     common = ["--block", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", "--include-dashboard=true", f"--num-cpus={head_cpus}", *common],
+         f"--dashboard-port={dash_port}", "--include-dashboard=true", f"--num-cpus={head_cpus}", *common,
+         *_node_ports(head=True)],
         env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     cluster = RayCluster(dashboard=f"http://127.0.0.1:{dash_port}", gcs_address="", token=token,
                          temp_dir=temp_dir, procs=[head])
@@ -108,7 +122,7 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: 
         cluster.gcs_address = f"{ip}:{gcs_port}"
         worker = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", f"--address={cluster.gcs_address}", f"--num-cpus={worker_cpus}",
-             *common], env=env, stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
+             *common, *_node_ports(head=False)], env=env, stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True)
         cluster.procs.append(worker)
         while len(cluster.alive_nodes()) < 2:

@@ -69,4 +69,22 @@ def build_baseline(family: str, config: dict) -> Baseline:
     return cls(cls.Config.from_dict(config))
 
 
-__all__ = ["BASELINES", "Baseline", "BaselineConfig", "NoLikelihood", "baseline_class", "build_baseline"]
+def save_baseline(model: Baseline, directory, extra: dict | None = None):
+    """model.safetensors + config.json ({"family", "config"}; extra: lineage, metrics)."""
+    from models.checkpoint import save_module
+    return save_module(model, {"family": model.family, "config": model.config.to_dict()}, directory, extra=extra)
+
+
+def load_baseline(directory, map_location="cpu") -> tuple[Baseline, dict]:
+    """(model in eval mode, extra) from a directory written by save_baseline."""
+    from models.checkpoint import load_state
+    cfg, state, extra = load_state(directory, map_location)
+    if "family" not in cfg:
+        raise ValueError(f"{directory}: config.json has no 'family'; not a baseline model directory")
+    model = build_baseline(cfg["family"], cfg["config"])
+    model.load_state_dict(state)
+    return model.eval(), extra
+
+
+__all__ = ["BASELINES", "Baseline", "BaselineConfig", "NoLikelihood", "baseline_class", "build_baseline", "save_baseline",
+           "load_baseline"]
