@@ -24,6 +24,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and on a loaded machine two threads per process
+    oversubscribe the cores (sequential samplers then run ~100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(family, **kw):
     torch.manual_seed(0)
     return build_baseline(family, {"in_channels": 3, "resolution": RES, **TINY[family], **kw})
