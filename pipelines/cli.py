@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="train every baseline family and the LDM on the same data at one "
                                           "budget, evaluate them, write the comparison table")
     cmp_.add_argument("config", help="pipeline YAML, or a packaged name (compare_emoji)")
-    cmp_.add_argument("overrides", nargs="*", help="section.key=value, e.g. compare.budget_seconds=300")
+    cmp_.add_argument("overrides", nargs="*", help="section.key=value, e.g. compare.budget_cpu_seconds=300")
     cmp_.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     cmp_.add_argument("--force", action="append", default=[], metavar="STAGE",
                       help="rerun this stage even if cached (data, baseline-<family>, evaluate-<family>, "

@@ -2,7 +2,7 @@
 data, at the same training wall-time budget, scored by the same evaluate stage, in one table.
 
 Each family is two cached stages of the pipeline DAG (pipelines/run.py): `baseline-<family>`
-(pipelines/train_baseline.py, `max_seconds = compare.budget_seconds`) and `evaluate-<family>`
+(pipelines/train_baseline.py, `max_cpu_seconds = compare.budget_cpu_seconds`) and `evaluate-<family>`
 (pipelines/evaluate.py); the latent diffusion row is the pipeline's own stages plus `evaluate-ldm`.
 A rerun recomputes nothing that finished. A family that fails becomes a row with its error and the
 comparison goes on: finished rows are written after every row (compare/results.json) and never lost.
@@ -40,7 +40,8 @@ FAMILY_INFO = {
     "ddpm": ("diffusion (pixels)", "bound"),
     "ldm": ("latent diffusion", "none (latent ELBO)"),
 }
-COLUMNS = ("fd", "precision", "recall", "bpd", "sample_images_per_s", "train_seconds", "verifier_pass_rate")
+COLUMNS = ("fd", "precision", "recall", "bpd", "sample_images_per_s", "train_cpu_seconds", "train_seconds",
+           "verifier_pass_rate")
 
 
 def _baseline_specs(family: str) -> tuple[StageSpec, StageSpec]:
@@ -53,7 +54,8 @@ def _baseline_specs(family: str) -> tuple[StageSpec, StageSpec]:
         from pipelines.evaluate import evaluate
         art: BaselineArtifact = a[f"baseline-{family}"]
         target = EvalTarget(name=family, model_source=art.directory, model_hash=art.baseline_hash,
-                            train_seconds=art.metrics.get("train_seconds"), baseline_dir=art.directory)
+                            train_seconds=art.metrics.get("train_seconds"),
+                            train_cpu_seconds=art.metrics.get("train_cpu_seconds"), baseline_dir=art.directory)
         return evaluate(cfg.evaluate, target, a["data"], ctx, stage_name=f"evaluate-{family}")
 
     train = StageSpec(f"baseline-{family}", f"baseline-{family}", "pipelines.train_baseline", BaselineArtifact,
@@ -70,7 +72,7 @@ def _baseline_cfg(cfg: PipelineConfig, family: str):
     own = cfg.compare.models.get(family, cfg.baseline.model if family == cfg.baseline.family else {})
     return dataclasses.replace(cfg.baseline, family=family, model=own,
                                batch_size=c.batch_size.get(family, cfg.baseline.batch_size),
-                               max_steps=10 ** 9, max_seconds=c.budget_seconds)
+                               max_steps=10 ** 9, max_cpu_seconds=c.budget_cpu_seconds)
 
 
 def _ldm_eval_spec(ldm_train_seconds: float) -> StageSpec:
@@ -146,19 +148,20 @@ def literature_checks(rows: dict[str, dict]) -> list[dict]:
 def render_table(rows: dict[str, dict], cfg: PipelineConfig) -> str:
     feats = "EfficientNet-Lite0" if cfg.evaluate.features == "efficientnet_lite0" else "InceptionV3"
     lines = [f"Data: {cfg.data.source} at {cfg.data.resolution}x{cfg.data.resolution}; training budget "
-             f"{cfg.compare.budget_seconds:.0f} s of wall time per baseline; {cfg.evaluate.num_samples} samples "
+             f"{cfg.compare.budget_cpu_seconds:.0f} CPU seconds per training worker "
+             f"({cfg.baseline.num_workers} workers) for each baseline; {cfg.evaluate.num_samples} samples "
              f"per model against the held-out images. FD on {feats} features"
              + (" (NOT comparable to Inception FID)" if feats != "InceptionV3" else "") + ".", "",
              "| model | kind | likelihood | steps | FD | precision | recall | bits/dim | sample img/s | "
-             "train s | verifier |", "|" + "---|" * 11]
+             "train CPU s/worker | train wall s | verifier |", "|" + "---|" * 12]
     for name, r in rows.items():
         if r.get("error"):
             lines.append(f"| {name} | {r['kind']} | {r['likelihood']} | - | failed: {r['error'][:120]} |"
-                         + " |" * 6)
+                         + " |" * 7)
             continue
         lines.append(f"| {name} | {r['kind']} | {r['likelihood']} | {_fmt(r.get('steps'))} | {_fmt(r['fd'])} | "
                      f"{_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['bpd'])} | "
-                     f"{_fmt(r['sample_images_per_s'])} | {_fmt(r['train_seconds'])} | "
+                     f"{_fmt(r['sample_images_per_s'])} | {_fmt(r['train_cpu_seconds'])} | {_fmt(r['train_seconds'])} | "
                      f"{_fmt(r['verifier_pass_rate'])} |")
     lines += ["", "| the literature says | measured | agrees |", "|---|---|---|"]
     for c in literature_checks(rows):

@@ -252,7 +252,9 @@ class BaselineStageConfig:
     model: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32            # per worker
     max_steps: int = 1000           # optimizer steps (closed-form families: ignored)
-    max_seconds: float = 0.0        # training wall-time budget, for equal-budget comparisons; 0 = steps only
+    # Training budget in CPU seconds of each worker process (all its threads), for equal-budget
+    # comparisons: unlike wall time it does not shrink when other work shares the machine. 0 = steps only.
+    max_cpu_seconds: float = 0.0
     num_workers: int = 2            # Ray Train workers (gradients averaged over ranks)
     log_every: int = 25
     seed: int = 0
@@ -263,7 +265,7 @@ class BaselineStageConfig:
 
     def __post_init__(self):
         _positive(self, "batch_size", "max_steps", "num_workers", "log_every")
-        for name in ("max_seconds", "checkpoint_every", "max_failures", "fit_batches"):
+        for name in ("max_cpu_seconds", "checkpoint_every", "max_failures", "fit_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         from models.baselines import BASELINES
@@ -307,11 +309,11 @@ class CompareConfig:
                                  "glow", "ddpm")
     models: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-family model fields
     batch_size: dict[str, int] = field(default_factory=dict)         # per-family batch (default baseline.batch_size)
-    budget_seconds: float = 600.0   # training wall time per baseline (the LDM row reports its own)
+    budget_cpu_seconds: float = 600.0   # training CPU seconds per worker, each baseline (the LDM row reports its own)
     include_ldm: bool = True        # also run the pipeline's own stages and evaluate its samples
 
     def __post_init__(self):
-        _positive(self, "budget_seconds")
+        _positive(self, "budget_cpu_seconds")
         from models.baselines import BASELINES
         for name in (*self.families, *self.models, *self.batch_size):
             if name not in BASELINES:

@@ -40,6 +40,7 @@ class EvalTarget:
     model_source: str            # what `ldmflow generate --model` takes (a directory)
     model_hash: str
     train_seconds: float | None  # training wall time of the model (all its training stages)
+    train_cpu_seconds: float | None = None   # CPU seconds per training worker, where measured
     baseline_dir: str | None = None   # a baseline's model dir (for bits/dim); None for the LDM
     text_conditional: bool = False
     generate_overrides: dict = field(default_factory=dict)   # sampler settings for generate
@@ -155,6 +156,7 @@ def evaluate(cfg: EvaluateConfig, target: EvalTarget, data: DatasetArtifact, ctx
             "num_samples": float(len(fake_imgs)), "num_real": float(len(real)),
             "sample_images_per_s": gen.images_per_s if gen.num_generated else NA,
             "train_seconds": target.train_seconds if target.train_seconds is not None else NA,
+            "train_cpu_seconds": target.train_cpu_seconds if target.train_cpu_seconds is not None else NA,
         }
         p, r = knn_precision_recall(fr.float(), ff.float(), k=cfg.knn_k)
         metrics.update({"precision": p, "recall": r})

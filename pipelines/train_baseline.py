@@ -7,8 +7,9 @@ each optimizer step (the contract's `sync_grads`) and floating-point buffers (Ba
 EMA codebooks) after it, so replicas stay identical. Step 0 runs on rank 0's batch on every rank:
 data-dependent initialisation (Glow's actnorm) then sees one batch everywhere.
 
-Budget: `max_seconds` stops training once the slowest rank's training clock passes it (all ranks
-agree through one all_reduce per step), for comparisons at an equal wall-time budget. Checkpoints
+Budget: `max_cpu_seconds` stops training once the CPU time a worker process spent in training steps
+(all its threads; max over ranks, agreed through one all_reduce per step) passes it, for
+comparisons at an equal CPU budget that other work on the machine does not distort. Checkpoints
 hold the weights, every optimizer, the step, the elapsed training time and each rank's RNG, so a
 restarted worker group resumes exactly (the data position is the step).
 """
@@ -40,7 +41,7 @@ def training_fingerprint(c: dict) -> tuple[str, dict]:
     return config_hash(part), part
 
 
-def _save(d: str, model, opts, step: int, elapsed: float, c: dict, rank: int, world: int) -> None:
+def _save(d: str, model, opts, step: int, elapsed: tuple[float, float], c: dict, rank: int, world: int) -> None:
     import torch
     torch.save({"rng": torch.get_rng_state()}, os.path.join(d, f"rng_rank{rank}.pt"))
     if rank == 0:
@@ -48,7 +49,7 @@ def _save(d: str, model, opts, step: int, elapsed: float, c: dict, rank: int, wo
                    os.path.join(d, "state.pt"))
         fp, part = training_fingerprint(c)
         with open(os.path.join(d, META), "w") as f:
-            json.dump({"step": step, "elapsed": elapsed, "world": world, "fingerprint": fp, "config": part}, f)
+            json.dump({"step": step, "elapsed": elapsed[0], "cpu": elapsed[1], "world": world, "fingerprint": fp, "config": part}, f)
 
 
 def baseline_worker(c: dict) -> None:
@@ -66,7 +67,7 @@ def baseline_worker(c: dict) -> None:
     torch.manual_seed(c["seed"])      # the same initial weights on every rank
     model = build_baseline(c["family"], c["model"]).to(device)
     opts = model.make_optimizers()
-    step, elapsed = 0, 0.0
+    step, elapsed, cpu = 0, 0.0, 0.0   # training wall seconds and CPU seconds (max over ranks)
     with resume_checkpoint(c.get("resume_from")) as resume_dir:
         if resume_dir is not None:
             fp, part = training_fingerprint(c)
@@ -78,7 +79,7 @@ def baseline_worker(c: dict) -> None:
             rng = os.path.join(resume_dir, f"rng_rank{rank}.pt")
             if meta["world"] == world and os.path.isfile(rng):
                 torch.set_rng_state(torch.load(rng, weights_only=False)["rng"])
-            step, elapsed = meta["step"], meta["elapsed"]
+            step, elapsed, cpu = meta["step"], meta["elapsed"], meta["cpu"]
         else:
             torch.manual_seed(c["seed"] * 1000 + rank + 1)   # per-rank sampling noise from here on
     log = MetricLogger(c.get("tracking_uri"), c.get("run_id")) if rank == 0 else None
@@ -92,23 +93,23 @@ def baseline_worker(c: dict) -> None:
         average_gradients(params, world)
 
     closed = None
-    fit_seconds = 0.0
+    fit_seconds, fit_cpu = 0.0, 0.0
     if step == 0:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
                                 repeat=False)
         if c["fit_batches"]:
             batches = (b for i, b in zip(range(c["fit_batches"]), batches))
         closed = model.fit_closed_form((b.to(device) for b in batches), all_reduce=all_reduce_sum)
-        fit_seconds = time.perf_counter() - t0
-    max_steps, every, budget = c["max_steps"], c["checkpoint_every"], c["max_seconds"]
+        fit_seconds, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
+    max_steps, every, budget = c["max_steps"], c["checkpoint_every"], c["max_cpu_seconds"]
     running, n_run, images = {}, 0, 0
     if closed is None:
         batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
                                 preload_max_bytes=c["preload_max_gb"] * 2 ** 30, start=step)
         model.train()
-        while step < max_steps and not (budget and elapsed >= budget):
-            t0 = time.perf_counter()
+        while step < max_steps and not (budget and cpu >= budget):
+            t0, c0 = time.perf_counter(), time.process_time()
             x = next(batches).to(device)
             if step == 0 and world > 1:
                 dist.broadcast(x, 0)   # data-dependent init sees one batch on every rank
@@ -116,14 +117,15 @@ def baseline_worker(c: dict) -> None:
             average_buffers(model, world)
             step += 1
             images += x.shape[0] * world
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)   # the slowest rank's clock: all ranks agree
-            elapsed += float(dt)
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)   # the slowest rank's clocks: all ranks agree
+            elapsed += float(dt[0])
+            cpu += float(dt[1])
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v)
             n_run += 1
-            out_of_time = budget and elapsed >= budget
+            out_of_time = budget and cpu >= budget
             if log and (step % c["log_every"] == 0 or step == max_steps or out_of_time):
                 log.log({f"train/{k}": v / n_run for k, v in running.items()}, step)
                 running, n_run = {}, 0
@@ -131,8 +133,8 @@ def baseline_worker(c: dict) -> None:
                 break
             if every and step % every == 0 and step < max_steps:
                 with barrier_report_dir() as d:
-                    _save(d, model, opts, step, elapsed, c, rank, world)
-                    report({"step": step, "elapsed": elapsed}, d)
+                    _save(d, model, opts, step, (elapsed, cpu), c, rank, world)
+                    report({"step": step, "elapsed": elapsed, "cpu": cpu}, d)
             fail_at = c.get("_fail_at_step", 0)   # test hook: one simulated worker failure
             marker = os.path.join(c.get("_marker_dir", ""), "failed")
             if fail_at and step == fail_at and rank == world - 1 and not os.path.exists(marker):
@@ -140,13 +142,14 @@ def baseline_worker(c: dict) -> None:
                 time.sleep(2.0)   # let the controller register the checkpoint first
                 raise RuntimeError(f"_fail_at_step: simulated worker failure after step {step}")
     model.eval()
-    metrics = {"step": step, "train_seconds": elapsed + fit_seconds, "closed_form": float(closed is not None)}
+    metrics = {"step": step, "train_seconds": elapsed + fit_seconds, "train_cpu_seconds": cpu + fit_cpu,
+               "closed_form": float(closed is not None)}
     if closed is not None:
         metrics.update({f"fit/{k}": float(v) for k, v in closed.items()})
     elif elapsed > 0 and images:
         metrics["train/images_per_s"] = images / elapsed
     with barrier_report_dir() as d:
-        _save(d, model, opts, step, elapsed, c, rank, world)
+        _save(d, model, opts, step, (elapsed, cpu), c, rank, world)
         if rank == 0:
             save_baseline(model, os.path.join(d, MODEL_DIR), extra={"steps": step, "train_seconds": elapsed + fit_seconds})
             with torch.no_grad():
