@@ -62,6 +62,8 @@ def test_literature_checks_and_table_with_na_and_failed_rows():
     # slow: pixelcnn 3, ddpm 20 < fast: vae 900, dcgan 1000 -> yes; GAN FD 50 < VAE 80 -> yes;
     # lowest FD is ddpm -> yes; pixelcnn 4.0 < vae 5.0 -> yes; no ppca row -> n/a.
     assert agrees == ["yes", "yes", "yes", "yes", "n/a"], checks
+    only_fast = {n: rows[n] for n in ("vae", "dcgan")}   # no slow family, no diffusion row: no verdict
+    assert [c["agrees"] for c in literature_checks(only_fast)] == ["n/a", "yes", "n/a", "n/a", "n/a"]
     rows["dcgan"]["fd"] = 90.0
     assert literature_checks(rows)[1]["agrees"] == "no"
     table = render_table(rows, load_config(QUICKSTART))
