@@ -426,16 +426,32 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+@contextmanager
+def _existing_cwd(fallback: str) -> Iterator[None]:
+    """mlflow's save_model calls Path.cwd(). Seen in the two-node `ldmflow submit` test: the Ray
+    job's unpacked working_dir had been removed under the running driver by the time the samples
+    stage saved the pyfunc (FileNotFoundError from os.getcwd). Run in `fallback` then."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(fallback)
+    yield
+
+
 def save_pipeline_model(bundle: ModelBundle, path: str | Path) -> Path:
     """Save the pyfunc (MLmodel, the bundle as its artifact, this project's models/ and pipelines/
     packages as code_paths so it loads in a fresh process without ldmflow installed)."""
     import mlflow.pyfunc
-    root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="ldmflow-bundle-") as tmp:
+    import models
+    import pipelines
+    # Each package where it was imported from: under a Ray job's runtime_env py_modules they are
+    # unpacked into separate directories, not siblings of one project root.
+    code = [str(Path(pkg.__file__).resolve().parent) for pkg in (models, pipelines)]
+    with tempfile.TemporaryDirectory(prefix="ldmflow-bundle-") as tmp, _existing_cwd(tmp):
         bundle_dir = write_bundle(bundle, Path(tmp) / ARTIFACT_NAME)
         mlflow.pyfunc.save_model(str(path), python_model=LdmPipelineModel(),
                                  artifacts={ARTIFACT_NAME: str(bundle_dir)},
-                                 code_paths=[str(root / "models"), str(root / "pipelines")],
+                                 code_paths=code,
                                  pip_requirements=_pip_requirements(),
                                  metadata={"ldmflow_lineage": bundle.lineage})
     return Path(path)

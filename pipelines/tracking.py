@@ -79,7 +79,8 @@ class Tracker:
 
     def start_run(self, name: str, parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        # Strings only: a tracking server's REST store refuses other types (SQLite accepts them).
+        tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(), run_name=name, tags=tags)

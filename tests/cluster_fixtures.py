@@ -10,8 +10,10 @@ import os
 import secrets
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,8 +92,10 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: 
     """A head (dashboard on 127.0.0.1) plus one worker node, both with token auth."""
     token = secrets.token_hex(16)
     dash_port, gcs_port = free_port(), free_port()
-    temp_dir = tmp / "ray"
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    # A short temp dir: Ray puts AF_UNIX sockets under <temp>/session_<date>_<pid>/sockets/, and a
+    # socket path over 107 bytes (pytest's tmp_path is long) makes the head's dashboard modules
+    # (MetricsHead first) fail to start.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ldmr-", dir="/tmp"))
     env = _env(token)
     common = ["--block", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     head = subprocess.Popen(
@@ -135,6 +139,7 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, timeout_s: 
     finally:
         for p in reversed(cluster.procs):
             _stop(p)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager
