@@ -2,7 +2,10 @@
 
 `attention()` is the one place that picks a kernel: xformers' memory-efficient
 attention on CUDA when it is installed, torch's scaled_dot_product_attention
-otherwise, and a plain math implementation where neither is there. All three
+otherwise, and a plain math implementation where neither is there. One more,
+"sdpa_fp32", runs SDPA on float32 copies: auto takes it for bf16/fp16 training on
+the CPU, where torch's low-precision flash-attention backward is 2-4x slower than
+its float32 one (torch 2.14, measured: benchmarks/unet_speed.py). All of them
 compute the same function; `attention_backend("math")` (a context manager) or
 `set_attention_backend` force one, for tests and for debugging a kernel. The
 modules above it only shape tensors.
@@ -37,7 +40,7 @@ __all__ = [
 ]
 
 # "auto" picks per call (see resolve_attention_backend); the others force one kernel.
-AttentionBackend = Literal["auto", "xformers", "sdpa", "math"]
+AttentionBackend = Literal["auto", "xformers", "sdpa", "sdpa_fp32", "math"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 # Process-wide choice. A module global rather than an argument threaded through
@@ -86,25 +89,37 @@ def attention_backend(name: AttentionBackend) -> Iterator[None]:
         _backend = previous
 
 
-def resolve_attention_backend(device: torch.device | str, masked: bool) -> str:
-    """The kernel `attention()` uses for tensors on `device` (with a key mask or not).
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-    auto: xformers on CUDA when installed and there is no mask; SDPA when torch has
-    it; math otherwise. A forced backend that cannot run there raises ValueError.
+
+def resolve_attention_backend(
+    device: torch.device | str, masked: bool, dtype: torch.dtype | None = None, grad: bool = False
+) -> str:
+    """The kernel `attention()` uses for tensors on `device` (with a key mask or not),
+    of `dtype`, that autograd will differentiate (`grad`) or not.
+
+    auto: xformers on CUDA when installed and there is no mask; on the CPU, for
+    bf16/fp16 with grad, sdpa_fp32 (SDPA's low-precision CPU backward is the slow part
+    of a bf16 training step; its forward is fine, so inference keeps plain SDPA); SDPA
+    when torch has it; math otherwise. A forced backend that cannot run there raises ValueError.
     """
     device = torch.device(device)
     has_sdpa = hasattr(F, "scaled_dot_product_attention")
     if _backend == "auto":
         if not masked and device.type == "cuda" and _xformers_ops() is not None:
             return "xformers"
-        return "sdpa" if has_sdpa else "math"
+        if not has_sdpa:
+            return "math"
+        if device.type == "cpu" and grad and dtype in _LOW_PRECISION:
+            return "sdpa_fp32"
+        return "sdpa"
     if _backend == "xformers":
         if device.type != "cuda" or _xformers_ops() is None:
             raise ValueError(f"backend: xformers needs CUDA and the xformers package (tensors on {device})")
         if masked:
             # See attention(): our (B, Lk) mask would have to become a dense bias.
             raise ValueError("backend: the xformers path takes no key mask; use sdpa or math for masked attention")
-    if _backend == "sdpa" and not has_sdpa:
+    if _backend in ("sdpa", "sdpa_fp32") and not has_sdpa:
         raise ValueError("backend: this torch has no scaled_dot_product_attention")
     return _backend
 
@@ -152,7 +167,8 @@ def attention(
     # as a dense (B, H, Lq, Lk) additive bias with an 8-aligned last dim, which costs
     # the memory the kernel is meant to save, while SDPA takes the (B, 1, 1, Lk) bool
     # mask by broadcast and runs its own memory-efficient CUDA kernel on it.
-    backend = resolve_attention_backend(q.device, mask is not None)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backend = resolve_attention_backend(q.device, mask is not None, q.dtype, grad)
     if backend == "xformers":
         # xformers layout is (B, L, H, d); the transposes are views, not copies.
         out = _xformers_ops().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -160,6 +176,11 @@ def attention(
     if backend == "math":
         return _math_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk), True = attend
+    if backend == "sdpa_fp32" and q.dtype != torch.float32:
+        # Autocast would cast SDPA's inputs straight back to bf16: off for this one call.
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 

@@ -361,6 +361,14 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},) or (), got {tuple(t.shape)}")
 
+        # A low-precision copy of the net (bf16 weights for sampling) takes the float32 latents and
+        # text states samplers pass; a no-op for a float32 net, with or without autocast.
+        dtype = self.out_conv.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if context.dtype != dtype:
+            context = context.to(dtype)
+
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # convs keep the format; cat of skips too
 
