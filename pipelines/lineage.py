@@ -98,7 +98,20 @@ def code_commit() -> str | None:
     return v.split("+g", 1)[1].split(".", 1)[0]
 
 
-def _module_file(name: str, root: Path) -> Path | None:
+@lru_cache(maxsize=None)
+def _package_parent(package: str) -> Path:
+    """The directory holding top-level `package` as Python would import it. Not one shared root:
+    Ray Jobs' py_modules unpack models/, cluster/ and pipelines/ into separate directories."""
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return PROJECT_ROOT
+    return Path(list(spec.submodule_search_locations)[0]).resolve().parent
+
+
+def _module_file(name: str, root: Path | None) -> Path | None:
+    if root is None:
+        root = _package_parent(name.split(".")[0])
     base = root.joinpath(*name.split("."))
     for cand in (base.with_suffix(".py"), base / "__init__.py"):
         if cand.is_file():
@@ -127,11 +140,12 @@ def _imports(path: Path, name: str) -> set[str]:
     return {m for m in out if m.split(".")[0] in PROJECT_PACKAGES}
 
 
-def module_closure(module: str, root: str | Path = PROJECT_ROOT,
+def module_closure(module: str, root: str | Path | None = None,
                    boundary: frozenset[str] = CODE_HASH_BOUNDARY) -> dict[str, Path]:
     """{module name: source file} for `module` and every project module it imports, transitively
-    (parent packages' __init__ included: importing a.b runs a/__init__.py)."""
-    root = Path(root)
+    (parent packages' __init__ included: importing a.b runs a/__init__.py). Files are looked up
+    under `root`, or by default wherever each project package is imported from."""
+    root = None if root is None else Path(root)
     seen: dict[str, Path] = {}
     todo = [module]
     while todo:
@@ -149,7 +163,7 @@ def module_closure(module: str, root: str | Path = PROJECT_ROOT,
 
 
 @lru_cache(maxsize=None)
-def _stage_code_hash(module: str, root: str) -> str:
+def _stage_code_hash(module: str, root: str | None) -> str:
     h = hashlib.sha256()
     for name, path in sorted(module_closure(module, root).items()):
         h.update(name.encode())
@@ -157,10 +171,12 @@ def _stage_code_hash(module: str, root: str) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_code_hash(module: str, root: str | Path = PROJECT_ROOT) -> str:
+def stage_code_hash(module: str, root: str | Path | None = None) -> str:
     """Hash of the source a stage runs: `module` and its project imports (see module docstring).
+    The hash covers module names and file contents, not paths, so a job whose packages were
+    unpacked apart (Ray py_modules) gets the same key as a local run of the same source.
     Cached per process: the source does not change under a running pipeline."""
-    return _stage_code_hash(module, str(Path(root).resolve()))
+    return _stage_code_hash(module, None if root is None else str(Path(root).resolve()))
 
 
 def stage_key(stage: str, config: dict, inputs: dict[str, str], code: str,

@@ -287,3 +287,30 @@ def test_stage_code_hash_follows_imports_not_docs(tmp_path):
     # the real stages: each a different hash, stable within a process
     real = {m: stage_code_hash(m) for m in {s.module for s in STAGES.values()}}
     assert len(set(real.values())) == len(real)
+
+
+def test_stage_code_hash_is_the_same_when_packages_are_unpacked_apart(tmp_path):
+    """Ray Jobs' py_modules put models/, cluster/ and pipelines/ in separate directories: every
+    stage's code hash there equals the local one (same sources), so a submitted run reuses a
+    local run's stages and vice versa."""
+    import shutil
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    paths = []
+    for pkg in ("models", "cluster", "pipelines"):
+        shutil.copytree(repo / pkg, tmp_path / f"unpacked_{pkg}" / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        paths.append(str(tmp_path / f"unpacked_{pkg}"))
+    modules = sorted({s.module for s in STAGES.values()})
+    code = ("import json, sys; import pipelines.lineage as l; "
+            "assert l.__file__.startswith(sys.argv[1]), l.__file__; "
+            "print(json.dumps({m: l.stage_code_hash(m) for m in sys.argv[2:]}))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), *modules], cwd=tmp_path,
+                         env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    apart = json.loads(out.stdout)
+    assert apart == {m: stage_code_hash(m) for m in modules}
+    # and the closure really spans the packages (a stage that runs models code hashes it)
+    assert any(n.startswith("models.") for n in module_closure("pipelines.train_diffusion"))
