@@ -94,6 +94,44 @@ def test_pixelcnn_rows_below_do_not_change_rows_above():
         assert torch.allclose(net(idx[:, :, :i + 1])[..., i, :], full[..., i, :], atol=1e-12)
 
 
+@pytest.mark.parametrize("channels, classes, layers, first_kernel", [(3, 256, 3, 5), (1, 7, 4, 7), (3, 16, 1, 3)])
+def test_pixelcnn_row_logits_equal_the_full_net_everywhere(channels, classes, layers, first_kernel):
+    """The sampler's incremental path (vertical stack once per row on reach + 1 rows above, the
+    horizontal stack on reach + 1 pixels) gives the full net's logits at every pixel, including
+    where both crops cut into the image (grid wider and taller than the receptive field)."""
+    torch.manual_seed(0)
+    net = GatedPixelCNNNet(channels, classes, ch=3, num_layers=layers, first_kernel=first_kernel).double()
+    for p in net.parameters():                 # non-zero biases too, so zero padding would show
+        p.data.normal_(0, 0.5)
+    H, W = net.reach + 5, 2 * net.reach + 6
+    idx = torch.randint(0, classes, (2, channels, H, W))
+    full = net(idx)                                                    # (2, C, K, H, W)
+    r = net.reach
+    for i in range(H):
+        ctx = net.row_context(idx[:, :, max(0, i - r - 1):i])
+        for j in range(W):
+            j0 = max(0, j - r)
+            got = net.row_logits(idx[:, :, i:i + 1, j0:j + 1], [t[..., j0:j + 1] for t in ctx])
+            assert torch.allclose(got, full[..., i, j], atol=1e-10), (i, j)
+
+
+def test_pixelcnn_sample_grid_equals_rerunning_the_full_net():
+    """The same draws as the plain sampler that reruns the whole net for every sub-pixel."""
+    torch.manual_seed(2)
+    net = GatedPixelCNNNet(3, 11, ch=2, num_layers=2, first_kernel=3).double()
+    n, H, W = 3, 5, 7
+    g = torch.Generator().manual_seed(5)
+    ref = torch.zeros(n, 3, H, W, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(H):
+            for j in range(W):
+                for c in range(3):
+                    probs = torch.softmax(net(ref)[:, c, :, i, j].float(), dim=-1)
+                    ref[:, c, i, j] = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    got = sample_grid(net, n, H, W, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(got, ref)
+
+
 def test_pixelcnn_uniform_output_is_exactly_8_bits_and_bpd_is_the_cross_entropy():
     m = _model("pixelcnn", **PIXELCNN)
     x = _batch()

@@ -25,8 +25,11 @@ Choices:
   * The paper's conditioning vector and skip connections are left out (unconditional baseline).
     First layer kernel `first_kernel` (7 in the paper), later layers `kernel`.
   * sample(): pixel by pixel, channel by channel, torch.multinomial on the caller's generator.
-    Nothing is cached: each draw reruns the net on the rows up to the current one (outputs at row
-    i depend only on rows <= i), H * W * C forward passes in all.
+    The two stacks make it cheap without a cache of every activation: the vertical stack at rows
+    < i is fixed once row i starts, so it runs once per row (on the `reach` rows above only), and
+    each draw then runs just the horizontal stack on the current row's `reach` pixels to the left
+    (1 x (reach + 1) convs). The result equals the full net's logits (tested); it is ~50x fewer
+    FLOPs than rerunning the whole net on rows <= i for every sub-pixel at 32x32.
 """
 from __future__ import annotations
 
@@ -137,18 +140,58 @@ class GatedPixelCNNNet(nn.Module):
         self.head1 = MaskedConv2d(p, p, (1, 1), group_mask(g, g, strict=False)[:, :, None, None])
         self.head2 = MaskedConv2d(p, channels * classes, (1, 1), group_mask(out_g, g, strict=False)[:, :, None, None])
 
-    def forward(self, idx: Tensor) -> Tensor:
+    @property
+    def reach(self) -> int:
+        """How far the receptive field extends: a pixel's logits read at most `reach` columns to
+        either side in the rows above, `reach` pixels to its left, and `reach + 1` rows up."""
+        return sum(layer.k // 2 for layer in self.layers)
+
+    def _embed(self, idx: Tensor) -> Tensor:
         b, c, h, w = idx.shape
         if c != self.channels:
             raise ValueError(f"idx: expected {self.channels} channels, got shape {tuple(idx.shape)}")
         offset = torch.arange(c, device=idx.device)[None, :, None, None] * self.classes
         e = self.embed(idx + offset)                                   # (B, C, H, W, ch)
-        x = e.permute(0, 1, 4, 2, 3).reshape(b, c * self.ch, h, w)    # (B, C*ch, H, W) group-major
-        v = hs = x
+        return e.permute(0, 1, 4, 2, 3).reshape(b, c * self.ch, h, w)  # (B, C*ch, H, W) group-major
+
+    def _head(self, hs: Tensor) -> Tensor:
+        b, _, h, w = hs.shape
+        out = self.head2(F.relu(self.head1(F.relu(hs))))               # (B, C*classes, H, W)
+        return out.view(b, self.channels, self.classes, h, w)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        v = hs = self._embed(idx)
         for layer in self.layers:
             v, hs = layer(v, hs)
-        out = self.head2(F.relu(self.head1(F.relu(hs))))               # (B, C*classes, H, W)
-        return out.view(b, c, self.classes, h, w)
+        return self._head(hs)
+
+    def row_context(self, above: Tensor) -> list[Tensor]:
+        """(B, C, r, W) symbols of the rows just above row i (r >= reach + 1, or all rows when
+        fewer exist; r = 0 at the top) -> per layer the shifted vertical pre-activation that the
+        horizontal stack reads at row i, each (B, 2p, 1, W) (zeros at the top row)."""
+        b, _, r, w = above.shape
+        if r == 0:
+            zero = self.embed.weight.new_zeros(b, 2 * self.channels * self.ch, 1, w)
+            return [zero] * len(self.layers)
+        v, ctx = self._embed(above), []
+        for layer in self.layers:
+            k = layer.k
+            v_pre = layer.v_conv(F.pad(v, (k // 2, k // 2, k // 2, 0)))   # (B, 2p, r, W)
+            ctx.append(v_pre[:, :, -1:])
+            v = _gate(v_pre)
+        return ctx
+
+    def row_logits(self, row: Tensor, ctx: list[Tensor]) -> Tensor:
+        """(B, C, 1, w) symbols of row i up to and including pixel j (the last column), and
+        row_context() cropped to the same w columns -> (B, C, classes) logits at pixel j. Columns
+        further left than `reach` do not change the result."""
+        hs = self._embed(row)
+        for layer, vc in zip(self.layers, ctx):
+            k = layer.k
+            h_pre = layer.h_conv(F.pad(hs, (k // 2, 0, 0, 0))) + layer.v_to_h(vc)
+            h_new = layer.h_out(_gate(h_pre))
+            hs = hs + h_new if layer.residual else h_new
+        return self._head(hs[..., -1:])[..., 0, 0]                     # (B, C, classes)
 
 
 def categorical_nll(logits: Tensor, idx: Tensor) -> Tensor:
@@ -159,13 +202,18 @@ def categorical_nll(logits: Tensor, idx: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_grid(net: GatedPixelCNNNet, n: int, height: int, width: int,
                 generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """(n, C, height, width) long symbols drawn in raster order, channel by channel; every draw
-    reruns the net on rows <= i (the rows below cannot affect row i)."""
+    """(n, C, height, width) long symbols drawn in raster order, channel by channel. The vertical
+    stack runs once per row on the rows above (within reach); each draw runs the horizontal stack
+    on the current row's last reach + 1 pixels (see row_context / row_logits)."""
     idx = torch.zeros(n, net.channels, height, width, dtype=torch.long, device=device)
+    r = net.reach
     for i in range(height):
+        ctx = net.row_context(idx[:, :, max(0, i - r - 1):i])             # per layer (n, 2p, 1, W)
         for j in range(width):
+            j0 = max(0, j - r)
+            crop = [t[..., j0:j + 1] for t in ctx]
             for c in range(net.channels):
-                logits = net(idx[:, :, :i + 1])[:, c, :, i, j]       # (n, classes)
+                logits = net.row_logits(idx[:, :, i:i + 1, j0:j + 1], crop)[:, c]   # (n, classes)
                 probs = torch.softmax(logits.float(), dim=-1)
                 idx[:, c, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return idx
