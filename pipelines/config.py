@@ -230,9 +230,13 @@ class SampleConfig:
     batch_size: int = 16
     concurrency: int = 1            # sampler actors in the Ray Data pool
     use_ema: bool = True
+    precision: str = "fp32"         # fp32 | bf16: the U-Net as a bfloat16 copy (see BENCHMARKS.md)
+    compile: bool = False           # torch.compile the U-Net in each actor (pays off for long jobs)
 
     def __post_init__(self):
         _positive(self, "num_per_prompt", "steps", "batch_size", "concurrency")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision: expected fp32 or bf16, got {self.precision!r}")
         from models.samplers import SAMPLERS, SPACINGS
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: expected one of {', '.join(sorted(SAMPLERS))}, got {self.sampler!r}")

@@ -80,6 +80,8 @@ class GenerateConfig:
     eta: float | None = None
     resolution: int | None = None
     seed: int | None = None
+    precision: str | None = None    # fp32 | bf16 U-Net (None: the model's setting)
+    compile: bool | None = None     # torch.compile the U-Net in each actor
     use_gpu: bool = False
     tracking_uri: str | None = None  # registry + where the generation run is logged
     experiment: str = "generate"
@@ -104,7 +106,7 @@ class GenerateConfig:
 
     def overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("sampler", "spacing", "steps", "guidance_scale", "eta",
-                                              "resolution", "seed")}
+                                              "resolution", "seed", "precision", "compile")}
 
 
 @dataclass
@@ -636,7 +638,8 @@ def generate(cfg: GenerateConfig, model: ResolvedModel | None = None) -> Generat
          + (" (resuming)" if resumed else "") + f", {todo} images to make -> {cfg.out}")
     meta = {"sampler": settings.sampler, "spacing": settings.spacing, "steps": settings.steps,
             "guidance_scale": settings.guidance_scale, "eta": settings.eta, "use_ema": settings.use_ema,
-            "resolution": settings.resolution, "global_seed": settings.seed, "model": cfg.model,
+            "resolution": settings.resolution, "global_seed": settings.seed, "precision": settings.precision,
+            "compile": settings.compile, "model": cfg.model,
             "model_source": model.source, "model_hash": parts["model"], "job": fingerprint,
             "code_version": version, **{f"lineage.{k}": v for k, v in model.bundle.lineage.items()}}
     previews: list[tuple[bytes, str]] = []

@@ -61,6 +61,9 @@ def derive_seed(prompt_id: str, global_seed: int) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << SEED_BITS) - 1)
 
 
+SAMPLING_PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class SamplerSettings:
     """How a bundle samples. Saved in bundle.json as the defaults; `ldmflow generate` overrides."""
@@ -72,9 +75,18 @@ class SamplerSettings:
     use_ema: bool = True            # unet_ema/ when the bundle has it
     resolution: int | None = None   # output side in pixels; None = the autoencoder's training resolution
     seed: int = 0                   # global seed that per-image seeds derive from
+    # Speed, measured in BENCHMARKS.md. precision "bf16": the U-Net runs as a bfloat16 copy (the
+    # sampler's arithmetic, text encoder and decoder stay float32); compile: torch.compile the
+    # U-Net once per actor (minutes of compile; a fixed batch shape, partial batches are padded).
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self):
         from models.samplers import SAMPLERS, SPACINGS
+        if self.precision not in SAMPLING_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(SAMPLING_PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: expected true or false, got {self.compile!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {', '.join(sorted(SAMPLERS))}, got {self.sampler!r}")
         if self.spacing not in SPACINGS:
@@ -161,7 +173,7 @@ def bundle_from_pipeline(output_dir: str | Path) -> ModelBundle:
     if marker.is_file():
         s = json.loads(marker.read_text()).get("config", {}).get("sample", {})
         settings = SamplerSettings(**{k: s[k] for k in ("sampler", "spacing", "steps", "guidance_scale", "eta",
-                                                        "use_ema", "seed") if k in s})
+                                                        "use_ema", "seed", "precision", "compile") if k in s})
     diff, ae, cache = arts["diffusion"], arts["autoencoder"], arts["cache"]
     return ModelBundle(diffusion_dir=diff["directory"], autoencoder_dir=ae["directory"],
                        text_encoder_dir=cache["text_encoder_dir"], null_text_file=cache["null_text_file"],
@@ -227,6 +239,7 @@ class BundleSampler:
         from models.autoencoders import load_autoencoder
         from models.checkpoint import load_state
         from models.denoiser import ObjectiveConfig, build_denoiser
+        from models.latent_norm import LatentNorm
         from models.samplers import SAMPLERS, sampler_timesteps
         from models.schedules import ScheduleConfig
         from models.text import load_text_encoder
@@ -243,13 +256,26 @@ class BundleSampler:
         schedule = ScheduleConfig.from_dict(json.loads((ddir / "schedule.json").read_text()))
         obj_file = ddir / "objective.json"   # models saved before it existed are eps-prediction
         objective = ObjectiveConfig.from_dict(json.loads(obj_file.read_text())) if obj_file.is_file() else ObjectiveConfig()
+        if s.precision == "bf16":
+            # A bfloat16 copy of the weights (no autocast: nothing is cast per op); the U-Net casts
+            # the float32 latents and text states it is given, the denoiser's preconditioning and
+            # the sampler's update stay float32.
+            unet.to(torch.bfloat16)
         self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
+        self._compiled_batch = 0
+        if s.compile:
+            # In place (state dict keys unchanged). dynamic=False: one specialised graph for the
+            # batch shape; sample() pads a smaller batch up to it instead of compiling again.
+            unet.compile(dynamic=False)
         self.sample_fn = SAMPLERS[s.sampler]
         # Raises here, before any prompt: too many steps, or a flow sampler on a diffusion model.
         self.timesteps = sampler_timesteps(s.sampler, schedule.num_timesteps, s.steps, s.spacing)
         self.alphas_cumprod = schedule.alphas_cumprod()
-        self.ae, _ = load_autoencoder(bundle.autoencoder_dir)
+        self.ae, ae_extra = load_autoencoder(bundle.autoencoder_dir)
         self.ae.eval().to(self.device)
+        # The autoencoder's own latent normalisation (per-tensor scale, or per-channel shift and
+        # scale), the one the cache applied and diffusion trained in.
+        self.norm = LatentNorm.from_extra(ae_extra)
         self.text = load_text_encoder(bundle.text_encoder_dir).eval().to(self.device)
         null = np.load(bundle.null_text_file)
         self.null_ctx = torch.from_numpy(null["states"]).float().to(self.device)   # (L, D)
@@ -272,6 +298,12 @@ class BundleSampler:
             raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
         if not prompts:
             return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+        n = len(prompts)
+        if self.settings.compile:
+            # Pad to the compiled batch (repeating the last prompt and seed), keep the first n.
+            self._compiled_batch = max(self._compiled_batch, n)
+            pad = self._compiled_batch - n
+            prompts, seeds = list(prompts) + [prompts[-1]] * pad, list(seeds) + [seeds[-1]] * pad
         h = w = self.latent_hw
         # Per-image generators: an image's starting noise depends on its seed alone.
         noise = torch.stack([torch.randn((self.latent_c, h, w), generator=torch.Generator().manual_seed(int(sd)))
@@ -287,7 +319,8 @@ class BundleSampler:
                                extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
                                            "null_context": self.null_ctx, "null_mask": self.null_mask},
                                generator=gen, **options)
-            x = self.ae.decode(z / self.bundle.scale_factor).float().clamp(-1, 1).cpu()  # (N, 3, H, W)
+            z = z[:n].float()
+            x = self.ae.decode(self.norm.denormalize(z)).float().clamp(-1, 1).cpu()   # (N, 3, H, W)
         # The same quantisation as pipelines.images.to_pil.
         return ((x.numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
@@ -465,7 +498,8 @@ def log_pipeline_model(tracker, run_id: str, diffusion_artifact, autoencoder_art
     a tag pointing back here, so `ldmflow generate --model models:/<prefix>-unet/V` finds it."""
     from pipelines.tracking import TAG
     settings = SamplerSettings(**{k: getattr(sample_config, k) for k in
-                                  ("sampler", "spacing", "steps", "guidance_scale", "eta", "use_ema", "seed")})
+                                  ("sampler", "spacing", "steps", "guidance_scale", "eta", "use_ema", "seed",
+                                   "precision", "compile")})
     bundle = ModelBundle(diffusion_dir=diffusion_artifact.directory, autoencoder_dir=autoencoder_artifact.directory,
                          text_encoder_dir=cache_artifact.text_encoder_dir,
                          null_text_file=cache_artifact.null_text_file,

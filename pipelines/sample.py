@@ -63,91 +63,41 @@ def read_prompts(path: str | None, num_per_prompt: int, base_seed: int) -> list[
 
 
 class PromptSampler:
-    """A Ray Data actor: models loaded once; each call turns a batch of rows into PNG files."""
+    """A Ray Data actor: the models loaded once (pipelines.pyfunc.BundleSampler, the same sampling
+    code as `ldmflow generate` and the pyfunc); each call turns a batch of rows into PNG files."""
 
     def __init__(self, diffusion_dir: str, autoencoder_dir: str, text_encoder_dir: str,
                  null_text_file: str, scale_factor: float, steps: int, guidance_scale: float,
-                 eta: float, use_ema: bool, out_dir: str, sampler: str = "ddim", spacing: str = "trailing"):
-        import torch
-        from models.autoencoders import load_autoencoder
-        from models.checkpoint import load_state
-        from models.latent_norm import LatentNorm
-        from models.denoiser import ObjectiveConfig, build_denoiser
-        from models.samplers import SAMPLERS, sampler_timesteps
-        from models.schedules import ScheduleConfig
-        from models.text import load_text_encoder
-        from models.unet import UNet, UNetConfig
-        self.torch = torch
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        unet_dir = Path(diffusion_dir) / ("unet_ema" if use_ema and (Path(diffusion_dir) / "unet_ema").is_dir()
-                                          else "unet")
-        cfg, state, _ = load_state(unet_dir)
-        unet = UNet(UNetConfig.from_dict(cfg))
-        unet.load_state_dict(state)
-        schedule = ScheduleConfig.from_dict(json.loads((Path(diffusion_dir) / "schedule.json").read_text()))
-        # objective.json sits beside the weights; models saved before it existed are eps-prediction.
-        obj_file = Path(diffusion_dir) / "objective.json"
-        objective = ObjectiveConfig.from_dict(json.loads(obj_file.read_text())) if obj_file.is_file() else ObjectiveConfig()
-        self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
-        self.sampler_name, self.sample_fn = sampler, SAMPLERS[sampler]
-        # Checked here, before any prompt is read: too many steps or a flow sampler on a DDPM model.
-        self.timesteps = sampler_timesteps(sampler, schedule.num_timesteps, steps, spacing)
-        # Either family (KL or VQ); its artifact holds the latent normalisation diffusion trained with.
-        self.ae, ae_extra = load_autoencoder(autoencoder_dir)
-        self.ae.eval().to(self.device)
-        self.norm = LatentNorm.from_extra(ae_extra)
-        self.text = load_text_encoder(text_encoder_dir).eval().to(self.device)
-        null = np.load(null_text_file)
-        self.null_ctx = torch.from_numpy(null["states"]).float().to(self.device)
-        self.null_mask = torch.from_numpy(null["mask"]).to(self.device)
-        self.scale = scale_factor
-        self.steps, self.guidance, self.eta = steps, guidance_scale, eta
-        self.num_timesteps = schedule.num_timesteps
-        self.alphas_cumprod = schedule.alphas_cumprod()
+                 eta: float, use_ema: bool, out_dir: str, sampler: str = "ddim", spacing: str = "trailing",
+                 precision: str = "fp32", compile: bool = False):
+        from pipelines.pyfunc import BundleSampler, ModelBundle, SamplerSettings
+        settings = SamplerSettings(sampler=sampler, spacing=spacing, steps=steps, guidance_scale=guidance_scale,
+                                   eta=eta, use_ema=use_ema, precision=precision, compile=compile)
+        bundle = ModelBundle(diffusion_dir=diffusion_dir, autoencoder_dir=autoencoder_dir,
+                             text_encoder_dir=text_encoder_dir, null_text_file=null_text_file,
+                             scale_factor=scale_factor, settings=settings)
+        self.sampler = BundleSampler(bundle, settings)
         self.out_dir = Path(out_dir)
         (self.out_dir / "images").mkdir(parents=True, exist_ok=True)
-        self.latent_c = unet.config.in_channels
 
     def __call__(self, batch: dict) -> dict:
-        torch = self.torch
-        from models.samplers import cfg_model
-        from pipelines.images import to_pil
+        from PIL import Image
         indices = [int(i) for i in batch["index"]]
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         paths = [self.out_dir / "images" / f"{i:08d}.png" for i in indices]
         todo = [j for j, p in enumerate(paths) if not p.is_file()]   # resume: finished images stay
         if todo:
-            h = w = self._latent_hw()
-            # Per-image generators: an image's noise depends on its seed alone, not on its batch.
-            noise = torch.stack([torch.randn((self.latent_c, h, w),
-                                             generator=torch.Generator().manual_seed(seeds[j]))
-                                 for j in todo]).to(self.device)
-            with torch.no_grad():
-                ctx, mask = self.text.encode([prompts[j] for j in todo])
-                model = cfg_model(self.denoiser, self.guidance)
-                # Stochastic samplers (ddpm, ddim with eta > 0) add per-step noise, drawn here from the
-                # batch's first seed: an image is a function of its own seed alone only for the
-                # deterministic ones (ddim eta 0, dpmpp_2m, euler, flow_euler).
-                gen = torch.Generator().manual_seed(seeds[todo[0]] + 1)
-                options = {"eta": self.eta} if self.sampler_name == "ddim" else {}
-                z = self.sample_fn(model, noise, self.timesteps, self.alphas_cumprod,
-                                   extra_args={"context": ctx.to(self.device), "context_mask": mask.to(self.device),
-                                               "null_context": self.null_ctx, "null_mask": self.null_mask},
-                                   generator=gen, **options)
-                # VQ: decode() quantises the denormalised pre-quant latent first.
-                images = self.ae.decode(self.norm.denormalize(z)).clamp(-1, 1).cpu()
+            # An image's noise comes from its own seed; the stochastic samplers' per-step noise from
+            # the batch's first seed (see BundleSampler).
+            images = self.sampler.sample([prompts[j] for j in todo], [seeds[j] for j in todo])  # (N, H, W, 3)
             for j, img in zip(todo, images):
                 tmp = paths[j].with_name(f".{paths[j].name}.tmp{os.getpid()}.png")
-                to_pil(img).save(tmp)
+                Image.fromarray(img).save(tmp)
                 os.replace(tmp, paths[j])
         return {"index": np.array(indices), "prompt": np.array(prompts, dtype=object),
                 "seed": np.array(seeds), "path": np.array([str(p) for p in paths], dtype=object),
                 "resumed": np.array([j not in todo for j in range(len(indices))])}
-
-    def _latent_hw(self) -> int:
-        # The autoencoder decides the latent size: resolution / downsampling factor.
-        return self.ae.config.latent_shape[1]
 
 
 def sample(cfg: SampleConfig, diffusion: DiffusionArtifact, autoencoder: AutoencoderArtifact,
@@ -170,11 +120,12 @@ def sample(cfg: SampleConfig, diffusion: DiffusionArtifact, autoencoder: Autoenc
                               "null_text_file": cache.null_text_file, "scale_factor": cache.scale_factor,
                               "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta,
                               "use_ema": cfg.use_ema, "out_dir": str(out), "sampler": cfg.sampler,
-                              "spacing": cfg.spacing},
+                              "spacing": cfg.spacing, "precision": cfg.precision, "compile": cfg.compile},
                              batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                              num_gpus=1 if ctx.config.cluster.use_gpu else 0)
         done = sorted(ds.take_all(), key=lambda r: int(r["index"]))
-        common = {"sampler": cfg.sampler, "spacing": cfg.spacing, "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
+        common = {"sampler": cfg.sampler, "spacing": cfg.spacing, "steps": cfg.steps, "eta": cfg.eta,
+                  "guidance_scale": cfg.guidance_scale, "precision": cfg.precision,
                   "ema": cfg.use_ema, "diffusion_model_version": diffusion.model_version,
                   "diffusion_hash": diffusion.diffusion_hash,
                   "autoencoder_model_version": autoencoder.model_version,
