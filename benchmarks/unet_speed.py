@@ -1,6 +1,6 @@
 """U-Net speed: ldmflow vs diffusers' UNet2DConditionModel, same architecture and weights (issue 8).
 
-    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--compile]
+    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--no-compile]
 
 One diffusers config (the issue's 8.75M-parameter net: block_out_channels 64/128/128, cross-attention
 on the first two levels and in the middle, 2 layers per block, 77x128 text states) is built in
@@ -15,8 +15,13 @@ agree (1e-4, float32) before anything is timed. Then:
   - sampling, DDIM-20 and DPM-Solver++(2M)-20 with guidance 5 at batch 8: ldmflow's samplers with
     cfg_model (one batched 2B forward per step) vs the standard diffusers loop (cat([latents] * 2),
     scheduler.step, chunk, guidance), diffusers in float32, bf16 autocast and bf16 weights;
-    ldmflow in float32 and with a bf16 copy of the weights. Both loops are first run in float32 on
-    the same noise and checked to land on the same latents.
+    ldmflow in float32 and with a bf16 copy of the weights; with compiling on (the default but for
+    --quick) both bf16 copies also under torch.compile (what `sample.compile: true` does). Both
+    loops are first run in float32 on the same noise and checked to land on the same latents;
+  - a torch.profiler breakdown of ldmflow's bf16 training step and bf16 forward (where time goes).
+
+Figures (judged by run_all.py): the best ldmflow variant vs the best diffusers variant without
+torch.compile (the issue's baseline, target 1.5x), and vs compiled diffusers where timed (shown).
 
 Variants are timed interleaved (A B C A B C ...) after warm-up, and the median of the repetitions is
 reported, so load from other processes hits every variant alike; read the ratios, not the absolute
@@ -260,7 +265,16 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
     }
     theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # inference copy; the float32 weights stay the master
-    results: dict[str, Any] = {"batch": b, "steps": args.steps, "guidance": GUIDANCE, "samplers": {}}
+    results: dict[str, Any] = {"batch": b, "steps": args.steps, "guidance": GUIDANCE, "samplers": {},
+                               "compile_s": {}}
+    if args.compile:
+        # What `sample.compile: true` / `generate --compile` do: the bf16 copy compiled in place with
+        # one static shape. diffusers' loop gets the same treatment, shown but not the baseline
+        # (the issue's baseline is the plain diffusers loop).
+        ours_c = copy.deepcopy(ours_bf16)
+        ours_c.compile(dynamic=False)
+        theirs_c = copy.deepcopy(theirs_bf16)
+        theirs_c.compile(dynamic=False)
     for sampler, (sched, spacing) in schedulers.items():
         abar = sched.alphas_cumprod.clone()
         ts = sampler_timesteps(sampler, sched.config.num_train_timesteps, args.steps, spacing)
@@ -286,6 +300,17 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
             "ldmflow fp32": lambda: ldmflow_loop(den32, sampler, ts, abar, noise, cond, null, GUIDANCE),
             "ldmflow bf16 weights": lambda: ldmflow_loop(den16, sampler, ts, abar, noise, cond, null, GUIDANCE),
         }
+        if args.compile:
+            denc = Denoiser(ours_c, abar, prediction="eps").eval()
+            runs["diffusers bf16 weights + torch.compile"] = lambda: diffusers_loop(
+                theirs_c, sched, args.steps, noise, cond, uncond, GUIDANCE, False)
+            runs["ldmflow bf16 weights + torch.compile"] = lambda: ldmflow_loop(
+                denc, sampler, ts, abar, noise, cond, null, GUIDANCE)
+            for name in ("diffusers bf16 weights + torch.compile", "ldmflow bf16 weights + torch.compile"):
+                t0 = time.perf_counter()
+                runs[name]()   # the first call compiles (once: both samplers use one shape)
+                results["compile_s"].setdefault(name, time.perf_counter() - t0)
+                log(f"{sampler}: first run of {name} (compiling) {time.perf_counter() - t0:.0f} s")
         times: dict[str, list[float]] = {name: [] for name in runs}
         for fn in runs.values():
             for _ in range(args.sample_warmup):
@@ -302,12 +327,65 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
     return results
 
 
+# ------------------------------------------------------------------ profile
+
+
+def profile_shares(fn: Callable[[], Any], reps: int, top: int = 8) -> list[list[Any]]:
+    """[[op, share of self CPU time]] of the `top` costliest ops over `reps` calls of fn (after one
+    warm-up): where the time of a step goes, for BENCHMARKS.md."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [[e.key, e.self_cpu_time_total / total] for e in events[:top]]
+
+
+def bench_profiles(ours, args) -> dict[str, Any]:
+    """Op shares of ldmflow's bf16 training step (autocast) and of one bf16 guided forward."""
+    v = TrainVariant("p", copy.deepcopy(ours), call_ours, bf16=True)
+    x, t, ctx, target = train_inputs(args.batch)
+    net16 = copy.deepcopy(ours).to(torch.bfloat16).eval()
+    xs, ts_, cs, _ = train_inputs(2 * args.sample_batch, seed=4)
+
+    def fwd():
+        with torch.no_grad():
+            net16(xs, ts_, cs)
+    return {"training step, bf16 autocast": profile_shares(lambda: v.step(x, t, ctx, target), 2 if args.quick else 3),
+            "sampling forward (2B), bf16 weights": profile_shares(fwd, 2 if args.quick else 5)}
+
+
 # ------------------------------------------------------------------ report
 
+TARGET = 1.5   # issue 8: ldmflow at least 1.5x the diffusers loop, training and sampling
 
-def _best(variants: dict[str, Any], prefix: str) -> tuple[str, float]:
-    name = min((n for n in variants if n.startswith(prefix)), key=lambda n: variants[n]["median_s"])
+
+def _best(variants: dict[str, Any], prefix: str, compiled: bool = True) -> tuple[str, float]:
+    names = [n for n in variants if n.startswith(prefix) and (compiled or "torch.compile" not in n)]
+    name = min(names, key=lambda n: variants[n]["median_s"])
     return name, variants[name]["median_s"]
+
+
+def figures(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Best ldmflow variant vs the best plain (uncompiled) diffusers variant, judged against the
+    1.5x target; and, where diffusers was also compiled, vs that (shown, not judged)."""
+    out = []
+    comparisons = [("training step", res["training"]["variants"])]
+    comparisons += [(f"sampling {s}", r["variants"]) for s, r in res["sampling"]["samplers"].items()]
+    for what, v in comparisons:
+        ours_name, ours_s = _best(v, "ldmflow")
+        base_name, base_s = _best(v, "diffusers", compiled=False)
+        out.append({"name": f"{what}: {ours_name} vs {base_name}", "value": base_s / ours_s, "unit": "x",
+                    "baseline": "best diffusers variant without torch.compile", "op": ">=", "target": TARGET})
+        if any("torch.compile" in n for n in v if n.startswith("diffusers")):
+            comp_name, comp_s = _best(v, "diffusers")
+            out.append({"name": f"{what}: {ours_name} vs {comp_name}", "value": comp_s / ours_s, "unit": "x",
+                        "baseline": "best diffusers variant, torch.compile included", "op": ">=", "target": None})
+    return out
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -334,6 +412,8 @@ def markdown(res: dict[str, Any]) -> str:
         )
     if tr["compile_s"] is not None:
         lines.append(f"\ntorch.compile: {tr['compile_s']:.1f} s to compile (first step), not in the step times.")
+    for name, secs in (res["sampling"].get("compile_s") or {}).items():
+        lines.append(f"\nSampling, {name}: {secs:.0f} s for the first (compiling) run, not in the times below.")
     lines.append(f"\nBest diffusers: {best_name}.")
     sm = res["sampling"]
     for sampler, r in sm["samplers"].items():
@@ -349,6 +429,10 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         for name, x in sv.items():
             lines.append(f"| {name} | {x['median_s']:.2f} | {x['img_per_s']:.2f} | {best / x['median_s']:.2f}x |")
+    for what, shares in (res.get("profiles") or {}).items():
+        lines += ["", f"Profile of ldmflow's {what} (self CPU time, torch.profiler):", "",
+                  "| op | share |", "|---|---|"]
+        lines += [f"| {op} | {share:.0%} |" for op, share in shares]
     return "\n".join(lines)
 
 
@@ -357,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="smoke run (~1 minute): small batches, few steps and reps")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both libraries alike")
-    p.add_argument("--compile", action="store_true", help="also time ldmflow bf16 under torch.compile")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile variants (default: on, off with --quick; minutes of compiling)")
     p.add_argument("--reps", type=int, default=None, help="timed training steps per variant")
     p.add_argument("--sample-reps", type=int, default=None, help="timed sampling runs per variant")
     p.add_argument("--no-sampling", action="store_true")
@@ -371,6 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.sample_warmup = 0 if quick else 1
     args.reps = args.reps or (2 if quick else 9)
     args.sample_reps = args.sample_reps or (1 if quick else 3)
+    if args.compile is None:
+        args.compile = not quick
     torch.set_num_threads(args.threads)
 
     theirs, ours = build_models()
@@ -399,8 +486,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_sampling:
         log(f"sampling: batch {args.sample_batch}, {args.steps} steps, {args.sample_reps} timed per variant")
         res["sampling"] = bench_sampling(theirs, ours, args)
+    log("profiles")
+    res["profiles"] = bench_profiles(ours, args)
     table = markdown(res)
     res["markdown"] = table
+    res["figures"] = figures(res)
+    res["command"] = "python benchmarks/unet_speed.py" + (" --quick" if quick else "")
     print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,7 @@ class GenerateResult:
     manifest: str
     run_id: str | None = None
     bad_lines: list[dict] = field(default_factory=list)
+    num_actors: int = 0             # sampler actors this call ran (concurrency, or fewer if CPUs lacked)
 
 
 def prompts_format(path: str) -> str | None:
@@ -300,6 +301,11 @@ def _filesystem(url: str):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+# Reading prompts is light I/O: its Ray tasks reserve no CPU, so the sampler actors (1 CPU each, for
+# the whole job) can have every CPU without starving the read that feeds the driver.
+READ_TASK_ARGS = {"num_cpus": 0}
+
+
 def _prompt_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
     """Batches {pos, id, prompt, error} in file order, streamed through Ray Data."""
     import ray.data
@@ -315,9 +321,9 @@ def _prompt_batches(path: str) -> Iterator[dict[str, np.ndarray]]:
         if "prompt" not in schema.names:
             raise GenerateError(f"prompts: {path} has no 'prompt' column (columns: {', '.join(schema.names)})")
         cols = ["prompt"] + (["id"] if "id" in schema.names else [])
-        ds = ray.data.read_parquet(p, columns=cols, filesystem=fs)
+        ds = ray.data.read_parquet(p, columns=cols, filesystem=fs, ray_remote_args=READ_TASK_ARGS)
     else:
-        ds = ray.data.read_datasource(_line_datasource(fmt)(p, filesystem=fs))
+        ds = ray.data.read_datasource(_line_datasource(fmt)(p, filesystem=fs), ray_remote_args=READ_TASK_ARGS)
     ds.context.execution_options.preserve_order = True   # positions and chunks follow the file
     ds.context.enable_progress_bars = False
     row = 0
@@ -643,16 +649,16 @@ def generate(cfg: GenerateConfig, model: ResolvedModel | None = None) -> Generat
             "model_source": model.source, "model_hash": parts["model"], "job": fingerprint,
             "code_version": version, **{f"lineage.{k}": v for k, v in model.bundle.lineage.items()}}
     previews: list[tuple[bytes, str]] = []
-    generated, gen_s = 0, 0.0
+    generated, gen_s, num_actors = 0, 0.0, 0
     if todo:
-        generated, gen_s, previews = _run_chunks(cfg, model, settings, scan, done, meta, todo)
+        generated, gen_s, previews, num_actors = _run_chunks(cfg, model, settings, scan, done, meta, todo)
     table = _finish(out, scan, num_chunks)
     if not previews:
         previews = _previews_from(out, table)
     ips = generated / gen_s if generated and gen_s > 0 else 0.0
     result = GenerateResult(out=cfg.out, num_images=table.num_rows, num_generated=generated,
                             seconds=time.time() - t_start, images_per_s=ips, num_bad_lines=scan.num_bad,
-                            manifest=out.path(MANIFEST_FILE), bad_lines=scan.bad)
+                            manifest=out.path(MANIFEST_FILE), bad_lines=scan.bad, num_actors=num_actors)
     out.write_atomic(BAD_LINES_FILE, json.dumps({"count": scan.num_bad, "lines": scan.bad}, indent=2).encode())
     result.run_id = _log_run(cfg, model, settings, result, job, previews)
     out.write_atomic(SUMMARY_FILE, json.dumps({k: v for k, v in asdict(result).items() if k != "bad_lines"},
@@ -665,8 +671,12 @@ def _run_chunks(cfg, model: ResolvedModel, settings, scan: _Scan, done: set[int]
     num_gpus = 1 if cfg.use_gpu else 0
     n = cfg.concurrency
     if not cfg.use_gpu:
-        # Actors hold a CPU each for the whole job: leave one for the Ray Data read feeding them.
-        n = max(1, min(n, int(ray.available_resources().get("CPU", 1) - 1)))
+        # Actors hold a CPU each for the whole job (the prompt read takes none, see READ_TASK_ARGS);
+        # more actors than free CPUs would wait forever for theirs.
+        free = int(ray.available_resources().get("CPU", 0))
+        if n > free:
+            _say(f"concurrency {n}: only {free} CPU(s) free in the Ray cluster; running {max(1, free)} actor(s)")
+            n = max(1, free)
     Actor = ray.remote(num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, max_restarts=0)(ChunkWriter)
     actors = [Actor.remote(model.source, model.tracking_uri, settings.to_dict(), cfg.out, meta,
                            cfg.batch_size, cfg.fault) for _ in range(n)]
@@ -704,7 +714,7 @@ def _run_chunks(cfg, model: ResolvedModel, settings, scan: _Scan, done: set[int]
         bar.close()
         for a in actors:
             ray.kill(a)
-    return generated, time.time() - t0, previews[:GRID_IMAGES]
+    return generated, time.time() - t0, previews[:GRID_IMAGES], n
 
 
 def _finish(out: _Out, scan: _Scan, num_chunks: int):

@@ -297,3 +297,23 @@ def test_tree_rss_counts_children():
         p.kill()
         p.wait()
     assert qs.tree_rss(p.pid) == 0                            # gone: no error
+
+
+def test_unet_speed_figures_judge_ldmflow_against_plain_diffusers_and_show_compiled_diffusers():
+    from benchmarks import unet_speed
+    v = lambda s: {"median_s": s}   # noqa: E731
+    res = {"training": {"variants": {"diffusers fp32": v(0.9), "diffusers bf16 autocast": v(1.0),
+                                     "ldmflow bf16 autocast": v(0.6)}},
+           "sampling": {"samplers": {"ddim": {"variants": {
+               "diffusers bf16 weights": v(4.0), "diffusers bf16 weights + torch.compile": v(2.5),
+               "ldmflow bf16 weights": v(4.1), "ldmflow bf16 weights + torch.compile": v(2.0)}}}}}
+    figs = unet_speed.figures(res)
+    got = [(f["name"], round(f["value"], 2), f["target"]) for f in figs]
+    assert got == [
+        ("training step: ldmflow bf16 autocast vs diffusers fp32", 1.5, 1.5),
+        ("sampling ddim: ldmflow bf16 weights + torch.compile vs diffusers bf16 weights", 2.0, 1.5),
+        ("sampling ddim: ldmflow bf16 weights + torch.compile vs diffusers bf16 weights + torch.compile", 1.25, None)]
+    assert [run_all.verdict(f) for f in figs] == ["met", "met", "no target set"]
+    # run_all takes a JSON with figures as it is (the section title from the registry)
+    r = run_all.normalize("unet_speed", {"figures": figs, "markdown": "| t |\n|---|", "command": "python x"})
+    assert r["title"] == run_all.BENCHMARKS["unet_speed"].title and r["figures"] == figs

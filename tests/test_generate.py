@@ -210,3 +210,15 @@ def test_parquet_prompts_ids_and_bad_rows(ray_local, tmp_path):
     scan = _scan(str(path))
     chunks = list(_chunks(str(path), scan, 2, done={1}))
     assert [(k, rows["id"]) for k, rows in chunks] == [(0, ["0", "1"]), (2, ["4"])]
+
+
+@pytest.mark.slow
+def test_two_actors_on_two_cpus_and_more_asked_than_fit(ray_local, job, tmp_path, capsys):
+    """The prompt read takes no CPU, so a 2-CPU Ray runs concurrency=2 as two actors (it used to
+    keep one CPU back and silently run one); asking for more than fits says so and runs what fits."""
+    two = generate(_cfg(job, tmp_path / "two", concurrency=2))
+    assert two.num_actors == 2 and two.num_images == 9
+    five = generate(_cfg(job, tmp_path / "five", concurrency=5))
+    assert five.num_actors == 2 and five.num_images == 9
+    assert "concurrency 5: only 2 CPU(s) free in the Ray cluster; running 2 actor(s)" in capsys.readouterr().err
+    assert _shard_bytes(tmp_path / "five") == _shard_bytes(tmp_path / "two")   # actors do not change images
