@@ -1,6 +1,6 @@
 """U-Net speed: ldmflow vs diffusers' UNet2DConditionModel, same architecture and weights (issue 8).
 
-    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--no-compile]
+    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--no-compile] [--compile-training]
 
 One diffusers config (the issue's 8.75M-parameter net: block_out_channels 64/128/128, cross-attention
 on the first two levels and in the middle, 2 layers per block, 77x128 text states) is built in
@@ -8,8 +8,9 @@ diffusers and converted to ldmflow with models.interop.diffusers_unet, and the t
 agree (1e-4, float32) before anything is timed. Then:
 
   - training step (forward, backward, Adam step; batch 16 of 4x16x16 latents): diffusers float32 and
-    bf16 autocast, ldmflow float32, bf16 autocast, bf16 autocast + channels_last, and with --compile
-    bf16 autocast + torch.compile (its compile time reported apart, never inside a step);
+    bf16 autocast, ldmflow float32, bf16 autocast, bf16 autocast + channels_last, and with
+    --compile-training bf16 autocast + torch.compile (its compile time reported apart, never inside
+    a step);
   - FLOPs of one step (torch.utils.flop_counter: matmuls, convs, attention; not Adam or elementwise)
     and the achieved FLOP/s as a fraction of a 2048^2 matmul timed in the same run, float32 and bf16;
   - sampling, DDIM-20 and DPM-Solver++(2M)-20 with guidance 5 at batch 8: ldmflow's samplers with
@@ -198,7 +199,7 @@ def bench_training(theirs, ours, args) -> dict[str, Any]:
     ]
     inputs = train_inputs(args.batch)
     compile_s = None
-    if args.compile:
+    if args.compile_training:
         v = TrainVariant("ldmflow bf16 autocast + torch.compile", copy.deepcopy(ours), call_ours, bf16=True)
         v.model = torch.compile(v.model)
         t0 = time.perf_counter()
@@ -442,7 +443,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both libraries alike")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile variants (default: on, off with --quick; minutes of compiling)")
+                   help="also time sampling under torch.compile, as sample.compile does (default: on, off "
+                        "with --quick; minutes of compiling)")
+    p.add_argument("--compile-training", action="store_true",
+                   help="also time a torch.compile'd training step (not a pipeline option: measured at "
+                        "about 1.05x eager for ~4-6 min of compiling on this machine)")
     p.add_argument("--reps", type=int, default=None, help="timed training steps per variant")
     p.add_argument("--sample-reps", type=int, default=None, help="timed sampling runs per variant")
     p.add_argument("--no-sampling", action="store_true")
