@@ -214,12 +214,15 @@ def test_imagegpt_kv_cache_decoding_equals_the_full_forward():
     m = _model("imagegpt", **IMAGEGPT).eval()
     tok = torch.randint(0, 8, (2, 192), generator=torch.Generator().manual_seed(1))
     full = m.logits(tok)
-    caches = [{} for _ in m.blocks]
+    caches = [{"max_len": 192} for _ in m.blocks]     # buffers written in place, one position a step
     prev = torch.full((2, 1), 8, dtype=torch.long)
     with torch.no_grad():
         for t in range(192):
             assert torch.allclose(m.step_logits(prev, t, caches), full[:, t], atol=1e-5), t
             prev = tok[:, t:t + 1]
+        assert all(c["len"] == 192 and c["k"].shape[2] == 192 for c in caches)
+        with pytest.raises(ValueError, match="^cache: 193 positions exceed max_len 192"):
+            m.step_logits(prev, 191, caches)
 
 
 @pytest.mark.parametrize("levels", [4, 256])

@@ -77,7 +77,9 @@ def tokens_to_pixels(tokens: Tensor, levels: int, channels: int, size: int, offs
 
 
 class _Block(nn.Module):
-    """Pre-LN transformer block; `cache` (a dict) holds this block's keys/values when sampling."""
+    """Pre-LN transformer block; `cache` (a dict) holds this block's keys/values when sampling:
+    buffers of the whole sequence ("max_len" positions), written in place, so a step costs O(t)
+    and not a copy of everything cached so far."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int):
         super().__init__()
@@ -92,9 +94,15 @@ class _Block(nn.Module):
         b, t, w = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:                                   # (B, heads, T, hd) each
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
+            if "k" not in cache:
+                size = (b, self.heads, cache.get("max_len", t), w // self.heads)
+                cache["k"], cache["v"], cache["len"] = k.new_empty(size), v.new_empty(size), 0
+            s, e = cache["len"], cache["len"] + t
+            if e > cache["k"].shape[2]:
+                raise ValueError(f"cache: {e} positions exceed max_len {cache['k'].shape[2]}")
+            cache["k"][:, :, s:e], cache["v"][:, :, s:e] = k, v
+            cache["len"] = e
+            k, v = cache["k"][:, :, :e], cache["v"][:, :, :e]
         # is_causal masks top-left aligned, right only when queries and keys start together;
         # one cached query attends to every key before it anyway.
         causal = q.shape[2] == k.shape[2] and t > 1
@@ -161,7 +169,7 @@ class ImageGPT(Baseline):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         c, device = self.config, self.pos.device
-        caches = [{} for _ in self.blocks]
+        caches = [{"max_len": self.seq_len} for _ in self.blocks]
         tok = torch.full((n, 1), c.levels, dtype=torch.long, device=device)   # the start token
         out = torch.empty(n, self.seq_len, dtype=torch.long, device=device)
         for t in range(self.seq_len):
