@@ -246,6 +246,29 @@ def split_sections(md: str) -> list[tuple[str, str]]:
     return out
 
 
+def kept_summary_rows(kept: dict[str, str]) -> list[list[str]]:
+    """Summary rows of sections kept from an earlier run (--only): each section's own figure table,
+    the result marked with the run it comes from, so the summary always covers every benchmark."""
+    rows = []
+    for name in [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]:
+        section = kept[name]
+        title = section.split("\n", 1)[0].removeprefix("## ").strip()
+        m = MARKER.search(section)
+        when = section[m.end():section.index("-->", m.end())].strip() if m else ""
+        lines = section.splitlines()
+        for i, line in enumerate(lines):
+            if line.replace(" ", "") == "|figure|value|baseline|target|result|":
+                for row in lines[i + 2:]:
+                    if not row.startswith("|"):
+                        break
+                    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+                    if len(cells) == 5:
+                        fig, value, baseline, target, result = cells
+                        rows.append([title, fig, f"{value} vs {baseline}", target,
+                                     f"{result} (run of {when})" if when else result])
+    return rows
+
+
 def render(results: list[dict], meta: dict, previous: str = "") -> str:
     """The whole BENCHMARKS.md. `meta`: machine, versions, command, date, commit. `previous`: the
     file it replaces; its hand-written sections go under "Earlier measurements", sections of
@@ -274,7 +297,8 @@ def render(results: list[dict], meta: dict, previous: str = "") -> str:
                              ["command", f"`{meta['command']}`"], ["date", meta["date"]],
                              ["commit", meta["commit"]]]), "",
            f"## {SUMMARY}", "",
-           _table(["benchmark", "figure", "value", "target", "result"], summary_rows(results)), ""]
+           _table(["benchmark", "figure", "value", "target", "result"],
+                  summary_rows(results) + kept_summary_rows(kept_generated)), ""]
     by_name = {r["benchmark"]: r for r in results}
     order = list(BENCHMARKS) + [n for n in by_name if n not in BENCHMARKS]
     for name in order:

@@ -120,6 +120,11 @@ def test_render_again_keeps_earlier_once_and_other_benchmarks_with_only():
     assert second.count("## Earlier measurements") == 1
     assert second.count("### Training input: in memory vs streamed") == 1
     assert second.count("## Summary") == 1
+    # the summary still covers the kept benchmark, marked with the run it comes from
+    summary = sections["Summary"]
+    assert "| b / a | 3.50x vs a | >= 3.00x | met |" in summary
+    assert (f"| {run_all.BENCHMARKS['generation_scaling'].title} | b / a | 5.0% vs a | <= 10.0% | met "
+            f"(run of 2026-11-22 10:00 abc1234) |") in summary
 
 
 def test_normalize_foreign_json_keeps_printed_table():
