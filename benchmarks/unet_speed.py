@@ -414,7 +414,8 @@ def markdown(res: dict[str, Any]) -> str:
     if tr["compile_s"] is not None:
         lines.append(f"\ntorch.compile: {tr['compile_s']:.1f} s to compile (first step), not in the step times.")
     for name, secs in (res["sampling"].get("compile_s") or {}).items():
-        lines.append(f"\nSampling, {name}: {secs:.0f} s for the first (compiling) run, not in the times below.")
+        lines.append(f"\nSampling, {name}: {secs:.0f} s for the first (compiling, cold cache) run, not in the "
+                     "times below.")
     lines.append(f"\nBest diffusers: {best_name}.")
     sm = res["sampling"]
     for sampler, r in sm["samplers"].items():
@@ -464,6 +465,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile is None:
         args.compile = not quick
     torch.set_num_threads(args.threads)
+    if args.compile or args.compile_training:
+        # Cold compile times: torch's on-disk inductor cache (shared by every run on the machine)
+        # would make a second run's "compile" a cache load of seconds.
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldmflow-inductor-")
 
     theirs, ours = build_models()
     err = check_same_function(theirs, ours)
