@@ -39,3 +39,15 @@ def tiny_overrides(out) -> list[str]:
         "sample.num_per_prompt=1", "sample.steps=3", "sample.batch_size=4", "sample.concurrency=1",
         "tracking.experiment=tiny",
     ]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test, then the old count back. Tests of many tiny forward passes
+    use it: on a busy 2-core machine a second OpenMP thread spinning against other work costs up
+    to ~100x."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

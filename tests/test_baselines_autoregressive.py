@@ -17,13 +17,7 @@ from models.baselines.pixelcnn import GatedPixelCNNNet, sample_grid
 from models.baselines.vqvae import discretized_logistic_log_prob, mean_over_ranks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Hundreds of tiny forward passes: on a busy machine a second intra-op thread costs ~100x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see tests/conftest.py
 
 
 def _batch(n=4, res=8, seed=0):

@@ -18,12 +18,7 @@ GAN_TINY = {"dcgan": {"ch": 8, "z_dim": 8},
             "stylegan": {"ch": 8, "z_dim": 8, "w_dim": 8, "mapping_layers": 2}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see tests/conftest.py
 
 
 def _batch(n=8, channels=3, res=8, seed=0, spread=256):

@@ -16,13 +16,7 @@ from models.baselines.glow import ActNorm, AffineCoupling, FlowStep, InvConv1x1,
 from models.samplers import sample_ddim, sampler_timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The checks are tiny; one thread keeps them from competing with whatever else runs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see tests/conftest.py
 
 
 def _batch(n=8, c=3, res=8, seed=0):

@@ -18,12 +18,7 @@ def bundle(tmp_path_factory):
     return ModelBundle.from_dir(tiny_bundle(tmp_path_factory.mktemp("speed")))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # see tests/conftest.py
 
 
 def test_bf16_unet_copy_is_close_to_float32(bundle):
