@@ -200,4 +200,7 @@ def test_guided_sampling_with_bf16_copy_matches_float32(sampler):
     ref = fn(cfg_model(Denoiser(model, abar, "v"), 3.0), noise, ts, abar, extra)
     out = fn(cfg_model(Denoiser(copy.deepcopy(model).to(torch.bfloat16), abar, "v"), 3.0), noise, ts, abar, extra)
     assert out.dtype == torch.float32  # the sampler's state stays float32; only the net is bf16
-    close_to(out, ref, 3e-2)
+    # Guidance g = 3 scales the net's error by up to |1 - g| + g = 5 at every evaluation, and DPM++
+    # 2M extrapolates from two of them: a whole run gets 5e-2 (3.5e-2 measured for dpmpp_2m on an
+    # AVX2 CPU, whose bf16 kernels round differently from AMX/AVX-512-bf16 ones).
+    close_to(out, ref, 5e-2)
