@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 __all__ = ["fit", "deepspeed_config", "worker_context", "report", "barrier_report_dir",
            "world_info", "consolidate_zero_checkpoint", "resume_checkpoint", "run_checkpoints",
            "ResumeMismatchError", "checked_resume_meta", "latest_checkpoint",
-           "checkpoint_at", "average_gradients", "average_buffers"]
+           "checkpoint_at", "average_gradients", "average_buffers", "CpuBudget"]
 
 
 def fit(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu: bool,
@@ -149,6 +149,52 @@ def average_buffers(module, world: int) -> None:
         n = b.numel()
         b.copy_(flat[i:i + n].view_as(b).to(b.dtype))
         i += n
+
+
+class CpuBudget:
+    """A training budget in CPU seconds of each worker process (all its threads; time.process_time),
+    the currency of equal-budget comparisons: unlike wall time it does not shrink when other work
+    shares the machine. Every rank adds the slowest rank's step time (an all_reduce MAX), so all
+    ranks agree on the step where the budget runs out and stop together (no collective hangs).
+    `limit` 0 counts the time but never stops. `used` is saved in checkpoints and restored on resume.
+
+        budget = CpuBudget(c["max_cpu_seconds"], used=meta.get("cpu_seconds", 0.0), world=world)
+        while step < max_steps and not budget.exhausted:
+            with budget.step():
+                ...one optimizer step...
+    """
+
+    def __init__(self, limit: float, used: float = 0.0, world: int = 1, wall: float = 0.0):
+        if limit < 0:
+            raise ValueError(f"max_cpu_seconds: expected >= 0, got {limit}")
+        self.limit, self.used, self.world, self.wall = float(limit), float(used), world, float(wall)
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.limit) and self.used >= self.limit
+
+    @contextmanager
+    def step(self):
+        import time
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        dt = [time.perf_counter() - t0, time.process_time() - c0]
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+            t = torch.tensor(dt, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the slowest rank's clocks: every rank agrees
+            dt = t.tolist()
+        self.wall += dt[0]
+        self.used += dt[1]
+
+    def planned_steps(self, step: int, max_steps: int) -> int:
+        """The step count a step-based LR schedule should decay over: max_steps, or under a budget
+        the steps it will reach at the rate so far (so a cosine reaches its floor as the budget runs
+        out). A pure function of (step, used), both checkpointed: a resumed run recomputes it."""
+        if not self.limit or step == 0 or self.used <= 0:
+            return max_steps
+        return max(step + 1, min(max_steps, int(step * self.limit / self.used)))
 
 
 def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_steps: int,

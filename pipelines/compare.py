@@ -1,9 +1,13 @@
 """`ldmflow compare CONFIG`: every baseline family and the latent diffusion model trained on the same
-data, at the same training wall-time budget, scored by the same evaluate stage, in one table.
+data, at the same training CPU budget per worker, scored by the same evaluate stage, in one table.
 
 Each family is two cached stages of the pipeline DAG (pipelines/run.py): `baseline-<family>`
 (pipelines/train_baseline.py, `max_cpu_seconds = compare.budget_cpu_seconds`) and `evaluate-<family>`
 (pipelines/evaluate.py); the latent diffusion row is the pipeline's own stages plus `evaluate-ldm`.
+With `compare.ldm_equal_budget` (the default) the LDM's two training stages share the same budget:
+the autoencoder gets `ldm_autoencoder_share` of it and the U-Net the rest, counted the same way
+(cluster.train.CpuBudget). Its latent cache is preprocessing, like the baselines' image decoding,
+and is not counted.
 A rerun recomputes nothing that finished. A family that fails becomes a row with its error and the
 comparison goes on: finished rows are written after every row (compare/results.json) and never lost.
 
@@ -21,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PipelineConfig, to_dict
+from pipelines.config import ConfigError, PipelineConfig, to_dict
 from pipelines.evaluate import NA, EvalTarget
 from pipelines.run import STAGES, StageSpec, _claim_output_dir, _context, _say, _stage, _write_json_atomic, preflight
 from pipelines.stage import BaselineArtifact, EvaluationArtifact
@@ -75,13 +79,30 @@ def _baseline_cfg(cfg: PipelineConfig, family: str):
                                max_steps=10 ** 9, max_cpu_seconds=c.budget_cpu_seconds)
 
 
-def _ldm_eval_spec(ldm_train_seconds: float) -> StageSpec:
+def with_ldm_budget(cfg: PipelineConfig) -> PipelineConfig:
+    """The config whose LDM stages train on the comparison's CPU budget (compare.ldm_equal_budget):
+    autoencoder and U-Net each get their share as max_cpu_seconds, and no step limit."""
+    c = cfg.compare
+    if not (c.include_ldm and c.ldm_equal_budget):
+        return cfg
+    if cfg.clip.enabled:
+        raise ConfigError("clip.enabled: the clip stage has no CPU budget; turn it off or set "
+                          "compare.ldm_equal_budget false")
+    ae_s = c.budget_cpu_seconds * c.ldm_autoencoder_share
+    return dataclasses.replace(
+        cfg, autoencoder=dataclasses.replace(cfg.autoencoder, max_steps=10 ** 9, max_cpu_seconds=ae_s),
+        diffusion=dataclasses.replace(cfg.diffusion, max_steps=10 ** 9,
+                                      max_cpu_seconds=c.budget_cpu_seconds - ae_s))
+
+
+def _ldm_eval_spec(ldm_train_seconds: float, ldm_train_cpu_seconds: float | None) -> StageSpec:
     def run_eval(cfg, ctx, a):
         from pipelines.evaluate import evaluate
         from pipelines.pyfunc import bundle_from_pipeline
         bundle = bundle_from_pipeline(ctx.output_dir)
         target = EvalTarget(name="ldm", model_source=str(ctx.output_dir), model_hash=bundle.content_hash(),
-                            train_seconds=ldm_train_seconds, text_conditional=True)
+                            train_seconds=ldm_train_seconds, train_cpu_seconds=ldm_train_cpu_seconds,
+                            text_conditional=True)
         return evaluate(cfg.evaluate, target, a["data"], ctx, stage_name="evaluate-ldm")
     return StageSpec("evaluate-ldm", "evaluate-ldm", "pipelines.evaluate", EvaluationArtifact,
                      ("data", "diffusion"), None, run_eval)
@@ -147,9 +168,14 @@ def literature_checks(rows: dict[str, dict]) -> list[dict]:
 
 def render_table(rows: dict[str, dict], cfg: PipelineConfig) -> str:
     feats = "EfficientNet-Lite0" if cfg.evaluate.features == "efficientnet_lite0" else "InceptionV3"
+    c = cfg.compare
+    ldm = ("" if not c.include_ldm else
+           f" and for the LDM's autoencoder + U-Net together ({c.ldm_autoencoder_share:.0%} / "
+           f"{1 - c.ldm_autoencoder_share:.0%}; its latent cache, like image decoding, not counted)"
+           if c.ldm_equal_budget else "; the LDM row runs its own step counts")
     lines = [f"Data: {cfg.data.source} at {cfg.data.resolution}x{cfg.data.resolution}; training budget "
              f"{cfg.compare.budget_cpu_seconds:.0f} CPU seconds per training worker "
-             f"({cfg.baseline.num_workers} workers) for each baseline; {cfg.evaluate.num_samples} samples "
+             f"({cfg.baseline.num_workers} workers) for each baseline{ldm}; {cfg.evaluate.num_samples} samples "
              f"per model against the held-out images. FD on {feats} features"
              + (" (NOT comparable to Inception FID)" if feats != "InceptionV3" else "") + ".", "",
              "| model | kind | likelihood | steps | FD | precision | recall | bits/dim | sample img/s | "
@@ -195,6 +221,7 @@ def plot(rows: dict[str, dict], path: Path) -> Path | None:
 def compare(cfg: PipelineConfig, address: str | None = None, force: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run the comparison (see the module docstring); returns {model: row}."""
     from cluster.runtime import ray_session, worker_env
+    cfg = with_ldm_budget(cfg)
     preflight(cfg, with_samples=cfg.compare.include_ldm)
     out = Path(cfg.output_dir).resolve()
     with ray_session(address or cfg.cluster.address, cfg.cluster.num_cpus,
@@ -238,12 +265,16 @@ def compare(cfg: PipelineConfig, address: str | None = None, force: tuple[str, .
                         arts[name], info = _stage(ctx, STAGES[name], arts, name in force)
                         if name in ("autoencoder", "clip", "cache", "diffusion"):
                             seconds += info.get("seconds") or 0.0
-                    ev = _ldm_eval_spec(seconds)
+                    # CPU seconds per worker of the two training stages, counted as the baselines' are.
+                    cpu = [arts[n].metrics.get("train_cpu_seconds") for n in ("autoencoder", "diffusion")]
+                    ev = _ldm_eval_spec(seconds, sum(cpu) if None not in cpu else None)
                     specs[ev.name] = ev
                     arts[ev.name], _ = _stage(ctx, ev, arts, ev.name in force, specs,
                                               {"evaluate": to_dict(cfg.evaluate), "data": to_dict(cfg.data),
                                                "sample": to_dict(cfg.sample)})
-                    rows["ldm"] = _row("ldm", arts[ev.name].metrics, steps=cfg.diffusion.max_steps)
+                    steps = (f"AE {int(arts['autoencoder'].metrics['step'])} + "
+                             f"U-Net {int(arts['diffusion'].metrics['step'])}")
+                    rows["ldm"] = _row("ldm", arts[ev.name].metrics, steps=steps)
                 except Exception as e:   # noqa: BLE001
                     _say(f"compare: ldm failed: {type(e).__name__}: {e}")
                     (cdir / "ldm.error.txt").write_text(traceback.format_exc())

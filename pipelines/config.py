@@ -97,6 +97,9 @@ class AutoencoderStageConfig:
     ema_decay: float = 0.0          # EMA of the autoencoder's weights, exported as the model; 0 = off
     batch_size: int = 32            # per worker
     max_steps: int = 1000           # optimizer steps (every rank takes the same number: no DDP hang)
+    # Or a budget in CPU seconds of each worker's training steps (ends at the first step past it,
+    # on every rank at once; a cosine LR decays over the steps it will reach). 0 = steps only.
+    max_cpu_seconds: float = 0.0
     num_workers: int = 2            # Ray Train workers (DDP ranks)
     log_every: int = 25
     seed: int = 0
@@ -114,7 +117,7 @@ class AutoencoderStageConfig:
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
         for name in ("l2_weight", "grad_clip", "eval_every", "eval_images", "checkpoint_every",
-                     "max_failures", "stop_after_steps", "warmup_steps"):
+                     "max_failures", "stop_after_steps", "warmup_steps", "max_cpu_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.disc_lr is not None and self.disc_lr <= 0:
@@ -187,6 +190,9 @@ class DiffusionConfig:
     weight_decay: float = 0.0
     batch_size: int = 64            # per worker
     max_steps: int = 2000
+    # Or a budget in CPU seconds of each worker's training steps (ends at the first step past it,
+    # on every rank at once), for equal-budget comparisons. 0 = steps only.
+    max_cpu_seconds: float = 0.0
     warmup_steps: int = 100         # linear LR warm-up
     grad_clip: float = 1.0          # 0 disables clipping
     cond_drop_prob: float = 0.1     # classifier-free guidance: P(caption -> empty caption)
@@ -204,7 +210,7 @@ class DiffusionConfig:
 
     def __post_init__(self):
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "grad_accum")
-        for name in ("checkpoint_every", "max_failures", "stop_after_steps"):
+        for name in ("checkpoint_every", "max_failures", "stop_after_steps", "max_cpu_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if not 0 <= self.zero_stage <= 3:
@@ -308,16 +314,23 @@ class EvaluateConfig:
 @dataclass
 class CompareConfig:
     """`ldmflow compare`: every family and the latent diffusion model on the same data, at the same
-    training wall-time budget, scored by the evaluate stage."""
+    training CPU budget per worker, scored by the evaluate stage."""
     families: tuple[str, ...] = ("ppca", "vae", "vqvae", "pixelcnn", "imagegpt", "dcgan", "stylegan",
                                  "glow", "ddpm")
     models: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-family model fields
     batch_size: dict[str, int] = field(default_factory=dict)         # per-family batch (default baseline.batch_size)
-    budget_cpu_seconds: float = 600.0   # training CPU seconds per worker, each baseline (the LDM row reports its own)
+    budget_cpu_seconds: float = 600.0   # training CPU seconds per worker, each model
     include_ldm: bool = True        # also run the pipeline's own stages and evaluate its samples
+    # The LDM row on the same budget: its two training stages split budget_cpu_seconds, the
+    # autoencoder this share and the U-Net the rest (their max_steps are then no limit). False:
+    # the LDM stages run their own step counts and the row reports the CPU seconds they took.
+    ldm_equal_budget: bool = True
+    ldm_autoencoder_share: float = 0.3
 
     def __post_init__(self):
         _positive(self, "budget_cpu_seconds")
+        if not 0 < self.ldm_autoencoder_share < 1:
+            raise ConfigError(f"ldm_autoencoder_share: expected in (0, 1), got {self.ldm_autoencoder_share}")
         from models.baselines import BASELINES
         for name in (*self.families, *self.models, *self.batch_size):
             if name not in BASELINES:

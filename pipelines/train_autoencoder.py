@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 
-from cluster.train import (META, ResumeMismatchError, barrier_report_dir, checked_resume_meta, latest_checkpoint,
+from cluster.train import (META, CpuBudget, ResumeMismatchError, barrier_report_dir, checked_resume_meta, latest_checkpoint,
                            report, resume_checkpoint, run_checkpoints, world_info)
 from pipelines.config import AutoencoderStageConfig, config_hash, to_dict
 from pipelines.lineage import dir_hash
@@ -67,7 +67,7 @@ RFD_NOTE = ("val/rfd_effnet_lite0 is the Frechet distance between validation ima
 # Loop-config keys that do not change what a training step computes; everything else must match
 # for a resume ("_" keys are test hooks). Evaluation settings are here too: evaluation runs under
 # a forked RNG and changes no training state.
-NOT_FINGERPRINTED = frozenset({"max_steps", "log_every", "checkpoint_every", "max_failures",
+NOT_FINGERPRINTED = frozenset({"max_steps", "max_cpu_seconds", "log_every", "checkpoint_every", "max_failures",
                                "stop_after_steps", "preload_max_gb", "tracking_uri", "run_id", "use_gpu",
                                "resume_from", "eval_every", "eval_images", "eval_rfd", "val_urls",
                                "scale_batches", "latent_norm"})
@@ -305,7 +305,7 @@ def _evaluate(net, c, device, rank, world, grid_path=None) -> dict[str, float]:
 # checkpoints
 
 
-def _save_checkpoint(d, *, net, loss_fn, opt_g, opt_d, ema, step, c, rank, world, running, n_run):
+def _save_checkpoint(d, *, net, loss_fn, opt_g, opt_d, ema, step, c, rank, world, running, n_run, clock):
     """Every rank writes its part of one checkpoint into `d` (model state is identical on all
     ranks, checked by the caller, so rank 0 writes it once)."""
     import torch
@@ -321,7 +321,8 @@ def _save_checkpoint(d, *, net, loss_fn, opt_g, opt_d, ema, step, c, rank, world
                    os.path.join(d, STATE_DIR, "model.pt"))
         fp, part = training_fingerprint(c)
         meta = {"step": step, "fingerprint": fp, "config": part, "world_size": world,
-                "log_running": running, "log_count": n_run, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "log_running": running, "log_count": n_run, "cpu_seconds": clock.used,
+                "train_seconds": clock.wall, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(os.path.join(d, META), "w") as f:   # last: its presence marks a complete checkpoint
             json.dump(meta, f, indent=2)
 
@@ -391,13 +392,16 @@ def autoencoder_worker(c: dict) -> None:
         opt_d = torch.optim.Adam(loss_fn.discriminator_parameters(), lr=c["disc_lr"] or c["lr"],
                                  betas=tuple(c["adam_betas"]))
         ema = EMA(net, decay=c["ema_decay"]) if c["ema_decay"] > 0 else None
-        step, running, n_run = 0, {}, 0
+        step, running, n_run, meta = 0, {}, 0, {}
         if resume_dir is not None:
             meta = _load_checkpoint(resume_dir, net=net, loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema,
                                     rank=rank, world=world, c=c)
             step, running, n_run = meta["step"], meta["log_running"], meta["log_count"]
         else:
             torch.manual_seed(c["seed"] * 1000 + rank + 1)   # per-rank posterior samples from here on
+    # CPU seconds of training steps (the slowest rank's); `max_cpu_seconds` ends training there.
+    clock = CpuBudget(c.get("max_cpu_seconds") or 0.0, used=meta.get("cpu_seconds", 0.0), world=world,
+                      wall=meta.get("train_seconds", 0.0))
     start_step = step
     # Buffers (the VQ codebook's EMA state) are kept equal by the quantiser's all_reduce, not by
     # DDP's per-forward broadcast from rank 0; _check_replicas verifies it.
@@ -424,49 +428,53 @@ def autoencoder_worker(c: dict) -> None:
     from models.lr import LR_SCHEDULES
     lr_at = LR_SCHEDULES[c["lr_schedule"]]
     train_seconds, trained_steps = 0.0, 0   # throughput of the steps themselves (no eval, no saving)
-    while step < max_steps:
-        t_step = time.perf_counter()
-        gstep = step   # LDM's global_step: optimizer steps taken before this one
-        x = next(batches).to(device)
-        lr_g = lr_at(step + 1, c["lr"], c["warmup_steps"], max_steps)   # a function of the step: resumes exactly
-        for g in opt_g.param_groups:
-            g["lr"] = lr_g
-        for g in opt_d.param_groups:
-            g["lr"] = lr_at(step + 1, c["disc_lr"] or c["lr"], c["warmup_steps"], max_steps)
-        disc_on = loss_fn.discriminator_active(gstep)
-        if disc_on:
-            _init_discriminator(loss_fn.discriminator, x, world)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x) if family == "kl" else model(x, **vq_kwargs)
-        if family == "kl":
-            recon, extra, stats = out[0].float(), {"posterior": out[1]}, {}
-        else:
-            recon, extra, stats = out.recon.float(), {"codebook_loss": out.vq_loss}, out.stats
-        g_loss, logs = loss_fn.generator_loss(x, recon, step=gstep, last_layer=last_layer, **extra)
-        if c["l2_weight"]:
-            g_loss = g_loss + c["l2_weight"] * F.mse_loss(recon, x)
-        if not torch.isfinite(g_loss):
-            raise FloatingPointError(f"autoencoder loss is {g_loss.item()} at step {step + 1}")
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()              # DDP averages the autoencoder's gradients
-        _average_grads(loss_fn.generator_parameters(), world)   # logvar, when learned
-        if c["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(g_params, c["grad_clip"])
-        opt_g.step()
-        logs["total_loss"] = g_loss.detach()
-        logs["lr"] = lr_g
-        if disc_on:
-            # set_to_none drops the gradients the generator loss put into the discriminator.
-            opt_d.zero_grad(set_to_none=True)
-            d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step=gstep)
-            d_loss.backward()
-            _average_grads(loss_fn.discriminator_parameters(), world)
+    while step < max_steps and not clock.exhausted:
+        with clock.step():
+            t_step = time.perf_counter()
+            gstep = step   # LDM's global_step: optimizer steps taken before this one
+            x = next(batches).to(device)
+            # A function of (step, CPU used): resumes exactly. Under a CPU budget the schedule decays
+            # over the steps the budget will reach at the rate so far.
+            planned = clock.planned_steps(step, max_steps)
+            lr_g = lr_at(step + 1, c["lr"], c["warmup_steps"], planned)
+            for g in opt_g.param_groups:
+                g["lr"] = lr_g
+            for g in opt_d.param_groups:
+                g["lr"] = lr_at(step + 1, c["disc_lr"] or c["lr"], c["warmup_steps"], planned)
+            disc_on = loss_fn.discriminator_active(gstep)
+            if disc_on:
+                _init_discriminator(loss_fn.discriminator, x, world)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(x) if family == "kl" else model(x, **vq_kwargs)
+            if family == "kl":
+                recon, extra, stats = out[0].float(), {"posterior": out[1]}, {}
+            else:
+                recon, extra, stats = out.recon.float(), {"codebook_loss": out.vq_loss}, out.stats
+            g_loss, logs = loss_fn.generator_loss(x, recon, step=gstep, last_layer=last_layer, **extra)
+            if c["l2_weight"]:
+                g_loss = g_loss + c["l2_weight"] * F.mse_loss(recon, x)
+            if not torch.isfinite(g_loss):
+                raise FloatingPointError(f"autoencoder loss is {g_loss.item()} at step {step + 1}")
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()              # DDP averages the autoencoder's gradients
+            _average_grads(loss_fn.generator_parameters(), world)   # logvar, when learned
             if c["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(loss_fn.discriminator_parameters(), c["grad_clip"])
-            opt_d.step()
-            logs.update(d_logs)
-        if ema is not None:
-            ema.update(net)
+                torch.nn.utils.clip_grad_norm_(g_params, c["grad_clip"])
+            opt_g.step()
+            logs["total_loss"] = g_loss.detach()
+            logs["lr"] = lr_g
+            if disc_on:
+                # set_to_none drops the gradients the generator loss put into the discriminator.
+                opt_d.zero_grad(set_to_none=True)
+                d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step=gstep)
+                d_loss.backward()
+                _average_grads(loss_fn.discriminator_parameters(), world)
+                if c["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(loss_fn.discriminator_parameters(), c["grad_clip"])
+                opt_d.step()
+                logs.update(d_logs)
+            if ema is not None:
+                ema.update(net)
         step += 1
         train_seconds += time.perf_counter() - t_step
         trained_steps += 1
@@ -474,20 +482,20 @@ def autoencoder_worker(c: dict) -> None:
         for k, v in logs.items():
             running[k] = running.get(k, 0.0) + float(v)
         n_run += 1
-        if log and (step % c["log_every"] == 0 or step == max_steps):
+        final, stop = step == max_steps or clock.exhausted, step == stop_at
+        if log and (step % c["log_every"] == 0 or final):
             log.log({f"train/{k}": v / n_run for k, v in running.items()}, step)
             running, n_run = {}, 0
-        if eval_every and step % eval_every == 0 and step < max_steps:
+        if eval_every and step % eval_every == 0 and not final:
             with torch.random.fork_rng(devices=[]):   # evaluation draws nothing from training's RNG
                 val = _evaluate(export_model(), c, device, rank, world)
             if log:
                 log.log(val, step)
-        final, stop = step == max_steps, step == stop_at
         if not final and (stop or (every and step % every == 0)):
             _check_replicas(net, loss_fn, world)
             with barrier_report_dir() as d:
                 _save_checkpoint(d, net=net, loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, step=step,
-                                 c=c, rank=rank, world=world, running=running, n_run=n_run)
+                                 c=c, rank=rank, world=world, running=running, n_run=n_run, clock=clock)
                 report({"step": step, "steps": max_steps}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:
@@ -504,11 +512,12 @@ def autoencoder_worker(c: dict) -> None:
     exported = export_model().eval()
     with barrier_report_dir() as d:
         _save_checkpoint(d, net=net, loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, step=step,
-                         c=c, rank=rank, world=world, running=running, n_run=n_run)
+                         c=c, rank=rank, world=world, running=running, n_run=n_run, clock=clock)
         norm, scale_stats = _measure_latent_norm(exported, c, batches, device, world)
         with torch.random.fork_rng(devices=[]):
             val = _evaluate(exported, c, device, rank, world, grid_path=os.path.join(d, RECON_FILE))
-        metrics = {"step": step, "steps": max_steps, **scale_stats, **val, "replica_max_diff": replica_diff}
+        metrics = {"step": step, "steps": max_steps, **scale_stats, **val, "replica_max_diff": replica_diff,
+                   "train_cpu_seconds": clock.used, "budget_exhausted": float(clock.exhausted)}
         if trained_steps:
             # images/s over all ranks, measured on rank 0's clock (ranks step in lockstep under DDP)
             metrics["train/images_per_s"] = trained_steps * c["batch_size"] * world / train_seconds
@@ -549,7 +558,7 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
                     "run_id": run_id, "resume_from": resume_from}
         result, metrics = ctx.train(autoencoder_worker, loop_cfg, cfg.num_workers, name,
                                     max_failures=cfg.max_failures, num_to_keep=CHECKPOINTS_KEPT)
-        if int(metrics.get("step", 0)) < cfg.max_steps:
+        if int(metrics.get("step", 0)) < cfg.max_steps and not metrics.get("budget_exhausted"):
             raise RuntimeError(f"autoencoder: stopped after step {int(metrics.get('step', 0))} of "
                                f"{cfg.max_steps} (stop_after_steps); run the stage again to continue "
                                f"from its checkpoint in {ctx.ray_storage}/{name}")
@@ -558,7 +567,7 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
             shutil.copytree(f"{d}/{MODEL_DIR}", model_dir)
             shutil.copy(f"{d}/{RECON_FILE}", out / RECON_FILE)
         ae_hash = dir_hash(model_dir)
-        ctx.tracker.log_metrics(run_id, metrics, step=cfg.max_steps)
+        ctx.tracker.log_metrics(run_id, metrics, step=int(metrics["step"]))
         ctx.tracker.log_artifacts(run_id, model_dir, "autoencoder")
         ctx.tracker.log_artifact(run_id, out / RECON_FILE, "images")
         version = None

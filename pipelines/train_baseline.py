@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 
-from cluster.train import (META, average_buffers, average_gradients, barrier_report_dir, checked_resume_meta,
+from cluster.train import (META, CpuBudget, average_buffers, average_gradients, barrier_report_dir, checked_resume_meta,
                            latest_checkpoint, report, resume_checkpoint, world_info)
 from pipelines.config import BaselineStageConfig, config_hash, to_dict
 from pipelines.lineage import dir_hash
@@ -108,24 +108,21 @@ def baseline_worker(c: dict) -> None:
         batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
                                 preload_max_bytes=c["preload_max_gb"] * 2 ** 30, start=step)
         model.train()
-        while step < max_steps and not (budget and cpu >= budget):
-            t0, c0 = time.perf_counter(), time.process_time()
-            x = next(batches).to(device)
-            if step == 0 and world > 1:
-                dist.broadcast(x, 0)   # data-dependent init sees one batch on every rank
-            logs = model.train_step(x, opts, step, sync_grads)
-            average_buffers(model, world)
+        clock = CpuBudget(budget, used=cpu, world=world, wall=elapsed)
+        while step < max_steps and not clock.exhausted:
+            with clock.step():
+                x = next(batches).to(device)
+                if step == 0 and world > 1:
+                    dist.broadcast(x, 0)   # data-dependent init sees one batch on every rank
+                logs = model.train_step(x, opts, step, sync_grads)
+                average_buffers(model, world)
             step += 1
             images += x.shape[0] * world
-            dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)   # the slowest rank's clocks: all ranks agree
-            elapsed += float(dt[0])
-            cpu += float(dt[1])
+            elapsed, cpu = clock.wall, clock.used
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v)
             n_run += 1
-            out_of_time = budget and cpu >= budget
+            out_of_time = clock.exhausted
             if log and (step % c["log_every"] == 0 or step == max_steps or out_of_time):
                 log.log({f"train/{k}": v / n_run for k, v in running.items()}, step)
                 running, n_run = {}, 0

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from cluster.train import (META, ResumeMismatchError, checked_resume_meta, latest_checkpoint, barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
+from cluster.train import (META, CpuBudget, ResumeMismatchError, checked_resume_meta, latest_checkpoint, barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
                            resume_checkpoint, run_checkpoints, world_info)
 from pipelines.config import DiffusionConfig, config_hash, to_dict
 from pipelines.lineage import dir_hash
@@ -43,7 +43,7 @@ LOSSES = "losses.npy"
 # (train longer, log or checkpoint more often, move the tracking server). Everything else - the
 # U-Net, schedule, optimizer, batch size, world size, seed, grad_accum, ZeRO stage, precision, data
 # - is fingerprinted; keys starting with "_" are test hooks and never fingerprinted.
-NOT_FINGERPRINTED = frozenset({"max_steps", "log_every", "checkpoint_every", "max_failures",
+NOT_FINGERPRINTED = frozenset({"max_steps", "max_cpu_seconds", "log_every", "checkpoint_every", "max_failures",
                                "stop_after_steps", "preload_max_gb", "tracking_uri", "run_id",
                                "use_gpu", "resume_from"})
 CHECKPOINTS_KEPT = 2         # on disk per run; the newest is the resume point
@@ -104,7 +104,7 @@ def _loss_module(denoiser, generator):
 
 
 def _save_checkpoint(d, *, engine, ema, gen, step, micro, c, losses, running, n_run, rank, world,
-                     final, unet_cfg):
+                     final, unet_cfg, clock):
     """Every rank writes its part of one checkpoint into `d` (a collective under ZeRO-3)."""
     import torch
     from models.checkpoint import save_module
@@ -135,6 +135,7 @@ def _save_checkpoint(d, *, engine, ema, gen, step, micro, c, losses, running, n_
         fp, part = training_fingerprint(c)
         meta = {"step": step, "fingerprint": fp, "config": part, "world_size": world,
                 "micro_batches_per_rank": micro, "log_running": running, "log_count": n_run,
+                "cpu_seconds": clock.used, "train_seconds": clock.wall, "budget_exhausted": clock.exhausted,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(os.path.join(d, META), "w") as f:   # last: its presence marks a complete checkpoint
             json.dump(meta, f, indent=2)
@@ -209,11 +210,15 @@ def diffusion_worker(c: dict) -> None:
         # Same seed above for identical initial weights; from here each rank has its own global
         # stream (anything not driven by `gen`, e.g. dropout in the net).
         torch.manual_seed(c["seed"] * 1000 + rank + 1)
-        step, micro, losses, running, n_run = 0, 0, [], 0.0, 0
+        step, micro, losses, running, n_run, meta = 0, 0, [], 0.0, 0, {}
         if resume_dir is not None:
             meta, micro, losses = _load_checkpoint(resume_dir, engine=engine, ema=ema, gen=gen, rank=rank, c=c)
             step, running, n_run = meta["step"], meta["log_running"], meta["log_count"]
+    # CPU seconds of training steps (the slowest rank's); `max_cpu_seconds` ends training there.
+    clock = CpuBudget(c.get("max_cpu_seconds") or 0.0, used=meta.get("cpu_seconds", 0.0), world=world,
+                      wall=meta.get("train_seconds", 0.0))
     start_step = step
+    finished_before = step == max_steps or clock.exhausted
     dtype = torch.bfloat16 if c["precision"] == "bf16" else torch.float32
 
     null = np.load(c["null_text_file"])
@@ -230,49 +235,54 @@ def diffusion_worker(c: dict) -> None:
     stop_at = c.get("stop_after_steps") or 0
     every = c.get("checkpoint_every") or 0
     step_loss = float("nan")
-    while step < max_steps:
+    while step < max_steps and not clock.exhausted:
         step_loss = 0.0
-        for _ in range(grad_accum):
-            b = next(batches)
-            micro += 1
-            eps = torch.randn(b["mean"].shape, generator=gen)
-            x0 = norm.normalize(b["mean"] + b["std"] * eps).to(device)   # VQ: std = 0, the pre-quant latent
-            ctx, mask = drop_conditioning(b["text"].to(device), b["mask"].to(device), null_ctx, null_mask,
-                                          c["cond_drop_prob"], generator=gen)
-            loss = engine(x0.to(dtype), ctx.to(dtype), mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"diffusion loss is {loss.item()} at step {step + 1}")
-            engine.backward(loss)   # DeepSpeed scales by 1/grad_accum and steps at the boundary
-            engine.step()
-            step_loss += float(loss.detach()) / grad_accum
+        with clock.step():
+            for _ in range(grad_accum):
+                b = next(batches)
+                micro += 1
+                eps = torch.randn(b["mean"].shape, generator=gen)
+                x0 = norm.normalize(b["mean"] + b["std"] * eps).to(device)   # VQ: std = 0, the pre-quant latent
+                ctx, mask = drop_conditioning(b["text"].to(device), b["mask"].to(device), null_ctx, null_mask,
+                                              c["cond_drop_prob"], generator=gen)
+                loss = engine(x0.to(dtype), ctx.to(dtype), mask)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"diffusion loss is {loss.item()} at step {step + 1}")
+                engine.backward(loss)   # DeepSpeed scales by 1/grad_accum and steps at the boundary
+                engine.step()
+                step_loss += float(loss.detach()) / grad_accum
         step += 1
         if ema is not None:
             ema.update(denoiser.net)
         losses.append(step_loss)
         running += step_loss
         n_run += 1
-        if log and (step % c["log_every"] == 0 or step == max_steps):
+        final = step == max_steps or clock.exhausted
+        if log and (step % c["log_every"] == 0 or final):
             log.log({"train/loss": running / n_run, "train/lr": engine.get_lr()[0]}, step)
             running, n_run = 0.0, 0
-        final = step == max_steps
         stop = step == stop_at
         if final or stop or (every and step % every == 0):
             with barrier_report_dir() as d:
                 _save_checkpoint(d, engine=engine, ema=ema, gen=gen, step=step, micro=micro, c=c,
                                  losses=losses, running=running, n_run=n_run, rank=rank, world=world,
-                                 final=final, unet_cfg=unet_cfg)
+                                 final=final, unet_cfg=unet_cfg, clock=clock)
                 report({"loss": step_loss, "step": step, "steps": max_steps, "resumed_from_step": start_step,
-                        "optimizer_steps": engine.global_steps, "micro_batches": micro}, d)
+                        "optimizer_steps": engine.global_steps, "micro_batches": micro,
+                        "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
+                        "budget_exhausted": float(clock.exhausted)}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:
                 time.sleep(2.0)   # let the controller register the checkpoint before the failure
                 raise RuntimeError(f"_fail_at_step: simulated worker failure after step {step}")
         if stop and not final:
             return
-    if start_step == max_steps:
+    if finished_before:
         # Resumed from the final checkpoint: nothing to train. Report the metrics only; the driver
         # takes that checkpoint (Ray's restored latest, or resume_from) as the result.
-        report({"loss": losses[-1] if losses else step_loss, "step": step, "steps": max_steps})
+        report({"loss": losses[-1] if losses else step_loss, "step": step, "steps": max_steps,
+                "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
+                "budget_exhausted": float(clock.exhausted)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +317,7 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
                     "run_id": run_id, "resume_from": resume_from}
         result, metrics = ctx.train(diffusion_worker, loop_cfg, cfg.num_workers, name,
                                     max_failures=cfg.max_failures, num_to_keep=CHECKPOINTS_KEPT)
-        if int(metrics.get("step", 0)) < cfg.max_steps:
+        if int(metrics.get("step", 0)) < cfg.max_steps and not metrics.get("budget_exhausted"):
             raise RuntimeError(f"diffusion: stopped after step {int(metrics.get('step', 0))} of "
                                f"{cfg.max_steps} (stop_after_steps); run the stage again to continue "
                                f"from its checkpoint in {ctx.ray_storage}/{name}")
@@ -323,7 +333,7 @@ def train_diffusion(cfg: DiffusionConfig, cache: LatentCacheArtifact, ctx: Stage
             unet_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             unet = UNet(cfg.unet)
             unet.load_state_dict(unet_state, strict=True)
-            save_module(unet, cfg.unet.to_dict(), model_dir / "unet", extra={"steps": cfg.max_steps})
+            save_module(unet, cfg.unet.to_dict(), model_dir / "unet", extra={"steps": int(metrics["step"])})
             if cfg.ema_decay:
                 shutil.copytree(f"{d}/unet_ema", model_dir / "unet_ema")
         (model_dir / "schedule.json").write_text(json.dumps(cfg.schedule.to_dict(), indent=2))
