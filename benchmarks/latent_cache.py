@@ -85,6 +85,8 @@ class Trainer:
         torch.manual_seed(seed)
         self.torch = torch
         self.cfg = dcfg
+        from models.precision import resolve_precision
+        self.bf16 = resolve_precision(dcfg.precision, "cpu") == "bf16"
         self.denoiser = build_denoiser(UNet(dcfg.unet), dcfg.schedule, dcfg.objective).train()
         self.opt = torch.optim.AdamW(self.denoiser.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
         self.gen = torch.Generator().manual_seed(seed)
@@ -101,7 +103,7 @@ class Trainer:
         x0 = self.norm.normalize(mean + std * eps)
         ctx, m = drop_conditioning(text, mask, self.null_ctx, self.null_mask, self.cfg.cond_drop_prob,
                                    generator=self.gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.denoiser.loss(x0, ctx, m, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,7 +19,7 @@ and renders (a figure without a target is shown, not judged). A benchmark that f
 unet_speed.py's) is shown as the report it printed, with its ldmflow-vs-diffusers ratios as figures.
 
 BENCHMARKS.md: a header (machine, versions, command, date, commit), a summary of every figure, one
-section per benchmark (marked `<!-- run_all: NAME ... -->`), then "Earlier measurements": the
+section per benchmark (marked `<!-- run_all: NAME DATE COMMIT on CPU -->`), then "Earlier measurements": the
 previous file's hand-written sections, kept verbatim one level down. With --only, the other
 benchmarks' sections of the previous file are kept as they were (their markers say when).
 """
@@ -58,6 +58,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "unet_speed": Benchmark("benchmarks/unet_speed.py", "U-Net train step and sampling vs diffusers"),
     "latent_cache": Benchmark("benchmarks/latent_cache.py",
                               "Diffusion training: cached latents vs encoding on the fly"),
+    "precision": Benchmark("benchmarks/precision.py",
+                           "Training precision: fp32 vs bf16 autocast, and auto's pick"),
     "generation_scaling": Benchmark("benchmarks/generation_scaling.py",
                                     "Batch generation: Ray actors vs a plain loop"),
     "quickstart_stages": Benchmark("benchmarks/quickstart_stages.py",
@@ -273,7 +275,9 @@ def render(results: list[dict], meta: dict, previous: str = "") -> str:
     """The whole BENCHMARKS.md. `meta`: machine, versions, command, date, commit. `previous`: the
     file it replaces; its hand-written sections go under "Earlier measurements", sections of
     benchmarks not run now stay as they were."""
-    stamp = f"{meta['date']} {meta['commit']}"
+    # The CPU model goes into each section's stamp: with --only, kept sections may come from another
+    # machine than the header's (these CPUs differ 10x in bf16), and their summary rows must say so.
+    stamp = f"{meta['date']} {meta['commit']} on {meta['machine'].split(',')[0]}"
     ran = {r["benchmark"] for r in results}
     kept_generated: dict[str, str] = {}
     earlier: list[str] = []

@@ -111,7 +111,9 @@ class AutoencoderStageConfig:
     checkpoint_every: int = 0       # steps between resumable checkpoints; 0 = only the last
     max_failures: int = 2           # Ray Train restarts from the last checkpoint after a worker failure
     stop_after_steps: int = 0       # test/ops hook: end after the checkpoint at this step (0 = never)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (fp32 weights); ~2.5x on AMX CPUs
+    # bf16 = autocast (fp32 weights): ~2.5x on AMX CPUs, ~16x SLOWER where bf16 is emulated (AVX2);
+    # auto = bf16 where the worker's device has it natively (models/precision.py), else fp32.
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     preload_max_gb: float = 0.5     # a rank's image shards up to this size are decoded once into RAM
 
     def __post_init__(self):
@@ -172,7 +174,7 @@ class ClipStageConfig:
     num_workers: int = 2            # Ray Train workers (DDP ranks; features gathered across ranks)
     log_every: int = 25
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"   # autocast; auto: bf16 where native (models/precision.py)
     preload_max_gb: float = 0.5
 
     def __post_init__(self):
@@ -198,7 +200,8 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1     # classifier-free guidance: P(caption -> empty caption)
     ema_decay: float = 0.999        # 0 disables EMA
     zero_stage: int = 2             # DeepSpeed ZeRO stage 0-3
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # DeepSpeed bf16 (fp32 master weights); auto: bf16 where the worker's device has it natively
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     num_workers: int = 2            # Ray Train workers (DeepSpeed ranks)
     log_every: int = 50
     seed: int = 0

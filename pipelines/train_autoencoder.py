@@ -410,7 +410,8 @@ def autoencoder_worker(c: dict) -> None:
     vq_kwargs = {"all_reduce": torch_all_reduce_sum if world > 1 else None, "rank": rank}
     last_layer = net.decoder.conv_out.weight
     g_params = list(net.parameters()) + loss_fn.generator_parameters()
-    autocast = c["precision"] == "bf16"
+    from models.precision import resolve_precision
+    autocast = resolve_precision(c["precision"], device) == "bf16"   # "auto": bf16 only where native
     batches = image_batches(c["train_urls"], rank, world, c["batch_size"], c["resolution"], c["seed"],
                             preload_max_bytes=c["preload_max_gb"] * 2 ** 30, start=step)
     log = MetricLogger(c.get("tracking_uri"), c.get("run_id")) if rank == 0 else None
@@ -517,7 +518,8 @@ def autoencoder_worker(c: dict) -> None:
         with torch.random.fork_rng(devices=[]):
             val = _evaluate(exported, c, device, rank, world, grid_path=os.path.join(d, RECON_FILE))
         metrics = {"step": step, "steps": max_steps, **scale_stats, **val, "replica_max_diff": replica_diff,
-                   "train_cpu_seconds": clock.used, "budget_exhausted": float(clock.exhausted)}
+                   "train_cpu_seconds": clock.used, "budget_exhausted": float(clock.exhausted),
+                   "bf16": float(autocast)}
         if trained_steps:
             # images/s over all ranks, measured on rank 0's clock (ranks step in lockstep under DDP)
             metrics["train/images_per_s"] = trained_steps * c["batch_size"] * world / train_seconds

@@ -51,6 +51,8 @@ def clip_worker(c: dict) -> None:
     model = build_clip(text_cfg, VisionTowerConfig.from_dict(c["vision"]))   # same init on every rank
     ddp = ray.train.torch.prepare_model(model)
     device = next(ddp.parameters()).device
+    from models.precision import resolve_precision
+    bf16 = resolve_precision(c["precision"], device) == "bf16"   # "auto": bf16 only where native
     import open_clip
     tokenizer = open_clip.get_tokenizer(text_cfg.model, context_length=model.context_length)
     # open_clip's recipe: no weight decay on gains, biases, embeddings and the temperature.
@@ -69,7 +71,7 @@ def clip_worker(c: dict) -> None:
         tokens = tokenizer([str(t) for t in b["caption"]]).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, c)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["precision"] == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             img_f, txt_f, scale = encode_pair(ddp, x, tokens)
         loss = loss_fn(img_f.float(), txt_f.float(), scale.float())
         if not torch.isfinite(loss):

@@ -184,6 +184,8 @@ def diffusion_worker(c: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # Ray made the group already
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     grad_accum, max_steps = c["grad_accum"], c["max_steps"]
+    from models.precision import resolve_precision
+    precision = resolve_precision(c["precision"], device)   # "auto": bf16 only where native
     with resume_checkpoint(c.get("resume_from")) as resume_dir:
         if resume_dir is not None:
             check_resume(resume_dir, c)   # a wrong config fails here, before any model is built
@@ -198,7 +200,7 @@ def diffusion_worker(c: dict) -> None:
         gen = torch.Generator().manual_seed(c["seed"] * 1000 + rank)
         ds_cfg = deepspeed_config(batch_size=c["batch_size"], lr=c["lr"], weight_decay=c["weight_decay"],
                                   warmup_steps=c["warmup_steps"], grad_clip=c["grad_clip"],
-                                  zero_stage=c["zero_stage"], precision=c["precision"], on_gpu=on_gpu,
+                                  zero_stage=c["zero_stage"], precision=precision, on_gpu=on_gpu,
                                   grad_accum=grad_accum)
         module = _loss_module(denoiser, gen)
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
@@ -219,7 +221,7 @@ def diffusion_worker(c: dict) -> None:
                       wall=meta.get("train_seconds", 0.0))
     start_step = step
     finished_before = step == max_steps or clock.exhausted
-    dtype = torch.bfloat16 if c["precision"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     null = np.load(c["null_text_file"])
     null_ctx = torch.from_numpy(null["states"]).float().to(device)

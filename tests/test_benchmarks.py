@@ -97,7 +97,7 @@ def test_render_failed_row_header_and_earlier_sections():
     assert heads == ["Summary", run_all.BENCHMARKS["unet_speed"].title, run_all.BENCHMARKS["latent_cache"].title,
                      run_all.BENCHMARKS["generation_scaling"].title, "Earlier measurements"]
     sections = dict(run_all.split_sections(md))
-    assert "<!-- run_all: unet_speed 2026-11-22 10:00 abc1234 -->" in sections[heads[1]]
+    assert "<!-- run_all: unet_speed 2026-11-22 10:00 abc1234 on Test CPU -->" in sections[heads[1]]
     assert "| unet_speed | failed: needs a CUDA device; this machine has none |" in sections[heads[1]]
     assert "| way | images/s |" in sections[heads[2]] and "| a | 1.0 |" in sections[heads[2]]
     # Hand-written sections one level down, verbatim otherwise.
@@ -110,13 +110,13 @@ def test_render_failed_row_header_and_earlier_sections():
 def test_render_again_keeps_earlier_once_and_other_benchmarks_with_only():
     first = run_all.render([_result("latent_cache", 4.0), _result("generation_scaling", 5.0, 10.0, "<=", "%")],
                            META, PREVIOUS)
-    meta2 = {**META, "date": "2026-11-23 09:00", "commit": "def5678"}
+    meta2 = {**META, "date": "2026-11-23 09:00", "commit": "def5678", "machine": "Other CPU, 2 cores; CUDA: none"}
     second = run_all.render([_result("latent_cache", 3.5)], meta2, first)   # as --only latent_cache
     sections = dict(run_all.split_sections(second))
     gen = sections[run_all.BENCHMARKS["generation_scaling"].title]
-    assert "<!-- run_all: generation_scaling 2026-11-22 10:00 abc1234 -->" in gen   # kept, with its stamp
+    assert "<!-- run_all: generation_scaling 2026-11-22 10:00 abc1234 on Test CPU -->" in gen   # kept, with its stamp
     lat = sections[run_all.BENCHMARKS["latent_cache"].title]
-    assert "2026-11-23 09:00 def5678" in lat and "| b / a | 3.50x | a | >= 3.00x | met |" in lat
+    assert "2026-11-23 09:00 def5678 on Other CPU" in lat and "| b / a | 3.50x | a | >= 3.00x | met |" in lat
     assert second.count("## Earlier measurements") == 1
     assert second.count("### Training input: in memory vs streamed") == 1
     assert second.count("## Summary") == 1
@@ -124,7 +124,7 @@ def test_render_again_keeps_earlier_once_and_other_benchmarks_with_only():
     summary = sections["Summary"]
     assert "| b / a | 3.50x vs a | >= 3.00x | met |" in summary
     assert (f"| {run_all.BENCHMARKS['generation_scaling'].title} | b / a | 5.0% vs a | <= 10.0% | met "
-            f"(run of 2026-11-22 10:00 abc1234) |") in summary
+            f"(run of 2026-11-22 10:00 abc1234 on Test CPU) |") in summary
 
 
 def test_normalize_foreign_json_keeps_printed_table():
@@ -322,3 +322,14 @@ def test_unet_speed_figures_judge_ldmflow_against_plain_diffusers_and_show_compi
     # run_all takes a JSON with figures as it is (the section title from the registry)
     r = run_all.normalize("unet_speed", {"figures": figs, "markdown": "| t |\n|---|", "command": "python x"})
     assert r["title"] == run_all.BENCHMARKS["unet_speed"].title and r["figures"] == figs
+
+
+def test_precision_benchmark_quick_names_auto_s_pick():
+    from benchmarks import precision
+    from models.precision import resolve_precision
+    r = precision.run(quick=True)
+    assert [row[0] for row in r["table"]["rows"]] == ["autoencoder", "U-Net"]
+    assert all(row[5] == resolve_precision("auto", "cpu") for row in r["table"]["rows"])
+    fig = r["figures"][0]
+    assert 0 < fig["value"] <= 1.0 and fig["op"] == ">=" and fig["target"] == precision.TARGET
+    assert "precision" in run_all.BENCHMARKS

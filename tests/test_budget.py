@@ -92,6 +92,8 @@ def test_autoencoder_worker_stops_on_its_budget(ray_local, tmp_path, shards):  #
     m = result.metrics
     assert m["budget_exhausted"] == 1.0 and 1.5 <= m["train_cpu_seconds"]
     assert 1 <= m["step"] < 10 ** 6
+    from models.precision import native_bf16
+    assert m["bf16"] == float(native_bf16("cpu"))   # precision "auto" (the default) resolved on the worker
     with result.checkpoint.as_directory() as d:
         meta = json.loads(open(os.path.join(d, META)).read())
     assert meta["step"] == m["step"] and meta["cpu_seconds"] == pytest.approx(m["train_cpu_seconds"])
