@@ -21,7 +21,8 @@ from models import autoencoder as _kl
 from models import autoencoder_vq as _vq
 from models.checkpoint import CONFIG_NAME, EXTRA_KEY
 
-__all__ = ["AutoencoderFamily", "AUTOENCODER_FAMILIES", "build_autoencoder", "load_autoencoder", "family_of"]
+__all__ = ["AutoencoderFamily", "AUTOENCODER_FAMILIES", "build_autoencoder", "load_autoencoder", "family_of",
+           "load_init_weights", "WEIGHT_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,72 @@ def load_autoencoder(directory, map_location: str | torch.device = "cpu") -> tup
     config = json.loads(path.read_text())
     config.pop(EXTRA_KEY, None)
     return _family(family_of(config)).load_pretrained(directory, map_location)
+
+
+# The fields that decide the weights' names, shapes or function: init weights must match them.
+# Not compared: resolution (the nets are fully convolutional; attention placement shows up as
+# missing or unexpected keys), dropout, and the quantiser's training settings (beta, EMA, restarts).
+WEIGHT_FIELDS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "mid_attention", "z_channels",
+                 "norm_num_groups", "double_z")
+QUANTIZER_WEIGHT_FIELDS = ("codebook_size", "code_dim", "l2_normalize")
+
+
+def _differences(have: dict[str, Any], want: dict[str, Any], fields, prefix: str = "") -> list[str]:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v   # noqa: E731 - JSON lists vs tuples
+    return [f"{prefix}{k} (weights {norm(have.get(k))!r}, config {norm(want.get(k))!r})"
+            for k in fields if norm(have.get(k)) != norm(want.get(k))]
+
+
+def load_init_weights(net: nn.Module, family: str, directory) -> dict[str, Any]:
+    """Load the weights saved in `directory` into `net` (a freshly built autoencoder of `family`),
+    to start training from them: ours (config.json + model.safetensors, see save_pretrained) or
+    diffusers' (`AutoencoderKL` / `VQModel.save_pretrained`: config.json with _class_name +
+    diffusion_pytorch_model.safetensors). Returns {"format", "family", "scale_factor"}.
+
+    Weights of another family or architecture raise ValueError naming every field that differs,
+    then (for anything the fields do not show) the mismatching keys. The VQ quantiser's training
+    state (EMA statistics, dead-code clock) starts fresh, as in a new run."""
+    from models.interop.diffusers_autoencoder import read_diffusers_autoencoder
+    from models.checkpoint import WEIGHTS_NAME, config_to_dict, load_state
+
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; not a saved autoencoder (ours or diffusers')")
+    raw = json.loads(path.read_text())
+    if "_class_name" in raw:
+        fmt = f"diffusers {raw['_class_name']}"
+        theirs_family, config, state, scale = read_diffusers_autoencoder(directory)
+        have = config_to_dict(config.autoencoder if theirs_family == "vq" else config)
+        have_q = config_to_dict(config.quantizer) if theirs_family == "vq" else {}
+    else:
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
+        fmt = "ldmflow"
+        config_dict, state, extra = load_state(directory, "cpu")
+        theirs_family = family_of(config_dict)
+        have = config_dict.get("autoencoder", config_dict)
+        have_q = config_dict.get("quantizer", {})
+        scale = extra.get("scale_factor")
+    if theirs_family != family:
+        raise ValueError(f"init_weights: {directory} holds a {theirs_family.upper()} autoencoder ({fmt}); "
+                         f"this stage trains family {family!r}")
+    cfg = net.config
+    want = config_to_dict(cfg.autoencoder if family == "vq" else cfg)
+    diffs = _differences(have, want, WEIGHT_FIELDS, "model.")
+    if family == "vq":
+        diffs += _differences(have_q, config_to_dict(cfg.quantizer), QUANTIZER_WEIGHT_FIELDS, "quantizer.")
+    if diffs:
+        raise ValueError(f"init_weights: {directory} ({fmt}) is another architecture: {'; '.join(diffs)}")
+    own = net.state_dict()
+    # The quantiser's training statistics (and their presence, which depends on `ema`) stay the new run's.
+    for k in [k for k in own if k.startswith("quantize.") and k != "quantize.codebook"]:
+        state[k] = own[k]
+    for k in [k for k in state if k.startswith("quantize.") and k != "quantize.codebook" and k not in own]:
+        del state[k]
+    try:
+        _kl.load_state_checked(net, {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()},
+                               type(net).__name__)
+    except ValueError as e:
+        raise ValueError(f"init_weights: {directory} ({fmt}): {e}") from None
+    return {"format": fmt, "family": family, "scale_factor": scale}

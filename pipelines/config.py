@@ -115,8 +115,15 @@ class AutoencoderStageConfig:
     # auto = bf16 where the worker's device has it natively (models/precision.py), else fp32.
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     preload_max_gb: float = 0.5     # a rank's image shards up to this size are decoded once into RAM
+    # Start from saved weights instead of a random init: a directory of ours (an autoencoder
+    # stage's model/) or diffusers' (AutoencoderKL / VQModel.save_pretrained). Its architecture
+    # must be `model` (and `quantizer`); checked before training. Read by every worker: a path
+    # they all see. A resumed run continues from its checkpoint instead.
+    init_weights: str | None = None
 
     def __post_init__(self):
+        if self.init_weights is not None and (not isinstance(self.init_weights, str) or not self.init_weights):
+            raise ConfigError(f"init_weights: expected a directory path or null, got {self.init_weights!r}")
         _positive(self, "lr", "batch_size", "max_steps", "num_workers", "log_every", "scale_batches")
         for name in ("l2_weight", "grad_clip", "eval_every", "eval_images", "checkpoint_every",
                      "max_failures", "stop_after_steps", "warmup_steps", "max_cpu_seconds"):

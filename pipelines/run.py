@@ -158,6 +158,11 @@ def _file_identity(path: str) -> dict:
 def _external_inputs(cfg: PipelineConfig, name: str) -> dict:
     if name == "samples" and cfg.sample.prompts:
         return {"prompts_sha256": file_sha256(cfg.sample.prompts)}   # small; content decides the images
+    if name == "autoencoder" and cfg.autoencoder.init_weights:
+        # The starting weights decide the model as much as the config: their files' identities.
+        d = Path(cfg.autoencoder.init_weights).expanduser()
+        files = sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else [d]
+        return {"init_weights": [_file_identity(str(p)) for p in files]}
     if name == "data":
         d = cfg.data
         if d.source == "shards":

@@ -42,12 +42,13 @@ import math
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 
 from cluster.train import (META, CpuBudget, ResumeMismatchError, barrier_report_dir, checked_resume_meta, latest_checkpoint,
                            report, resume_checkpoint, run_checkpoints, world_info)
-from pipelines.config import AutoencoderStageConfig, config_hash, to_dict
+from pipelines.config import AutoencoderStageConfig, ConfigError, config_hash, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import AutoencoderArtifact, DatasetArtifact, StageContext
 from pipelines.tracking import TAG, MetricLogger
@@ -369,7 +370,7 @@ def autoencoder_worker(c: dict) -> None:
     import torch
     import torch.nn.functional as F
     import ray.train.torch
-    from models.autoencoders import build_autoencoder
+    from models.autoencoders import build_autoencoder, load_init_weights
     from models.ema import EMA
     from models.losses import AutoencoderLoss, AutoencoderLossConfig
     from models.quantize import torch_all_reduce_sum
@@ -383,6 +384,8 @@ def autoencoder_worker(c: dict) -> None:
             check_resume(resume_dir, c)   # a wrong config fails here, before any model is built
         torch.manual_seed(c["seed"])      # same init on every rank (DDP also broadcasts)
         net = build_autoencoder(family, model_cfg)
+        if resume_dir is None and c.get("init_weights"):
+            load_init_weights(net, family, c["init_weights"])   # before EMA and DDP copy it
         loss_fn = AutoencoderLoss(AutoencoderLossConfig.from_dict(c["loss"]))
         device = ray.train.torch.get_device()
         net.to(device)
@@ -536,6 +539,19 @@ def autoencoder_worker(c: dict) -> None:
 # the stage
 
 
+def _check_init_weights(cfg: AutoencoderStageConfig, path: str) -> dict:
+    """load_init_weights into a CPU model of the stage's architecture: a wrong directory or
+    another architecture fails here, naming the fields, before Ray starts a worker."""
+    from models.autoencoders import build_autoencoder, load_init_weights
+    model_cfg = to_dict(cfg.model) if cfg.family == "kl" else {"autoencoder": to_dict(cfg.model),
+                                                                "quantizer": to_dict(cfg.quantizer)}
+    try:
+        return load_init_weights(build_autoencoder(cfg.family, model_cfg), cfg.family, path)
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e).removeprefix("init_weights: ")
+        raise ConfigError(f"autoencoder.init_weights: {msg}") from None
+
+
 def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
                       ctx: StageContext) -> AutoencoderArtifact:
     """Train (or continue training) the autoencoder. The Ray run is named after the training
@@ -546,11 +562,17 @@ def train_autoencoder(cfg: AutoencoderStageConfig, data: DatasetArtifact,
     tags = {TAG["dataset_hash"]: data.dataset_hash, TAG["upstream_runs"]: data.run_id}
     base_cfg = {**to_dict(cfg), "resolution": cfg.model.resolution, "train_urls": data.train_urls,
                 "val_urls": data.val_urls}
+    if cfg.init_weights:
+        # Absolute: Ray workers run in their own working directory.
+        base_cfg["init_weights"] = str(Path(cfg.init_weights).expanduser().resolve())
     fingerprint, _ = training_fingerprint(base_cfg)
     name = f"autoencoder-{fingerprint}"
     resume_from = latest_checkpoint(str(ctx.ray_storage), name)
     if resume_from is not None:
         check_resume(resume_from, base_cfg)   # on the driver too: fail before any worker starts
+    elif cfg.init_weights:
+        init = _check_init_weights(cfg, base_cfg["init_weights"])   # before any worker starts
+        tags.update({"ldmflow.init_weights": base_cfg["init_weights"], "ldmflow.init_format": init["format"]})
     with ctx.stage_run("autoencoder", cfg, {**tags, "ldmflow.resumed_from": resume_from}) as run_id:
         ctx.tracker.set_tags(run_id, {"mlflow.note.content": f"{cfg.family.upper()} autoencoder. {RFD_NOTE}"})
         ctx.tracker.log_params(run_id, {"metrics.rfd_features": "EfficientNet-Lite0 pooled 1280-d; not Inception "

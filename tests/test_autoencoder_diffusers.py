@@ -299,3 +299,65 @@ def test_vq_unrepresentable_diffusers_config_names_setting(overrides, field):
     base = diffusers_vq_model_kwargs(vq_config("f2-1block"))
     with pytest.raises(ValueError, match=f"^{field}:"):
         autoencoder_vq_config_from_diffusers({**base, **overrides})
+
+
+# --------------------------------------------------------------------------- starting a stage from saved weights
+
+def test_init_weights_from_a_diffusers_directory_kl(tmp_path):
+    """A diffusers `save_pretrained` directory (safetensors, no quant convs) starts our model: same
+    outputs as the diffusers model, its scaling_factor reported; diffusers is not needed to read it."""
+    from models.autoencoders import load_init_weights
+    kwargs = {**diffusers_autoencoder_kl_kwargs(AutoencoderConfig(**CONFIGS["f4-2blocks"]), scale_factor=0.3),
+              "use_quant_conv": False}
+    theirs = randomise_(diffusers.AutoencoderKL(**kwargs), seed=7)
+    theirs.save_pretrained(tmp_path / "vae")
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    ours = AutoencoderKL(AutoencoderConfig(**CONFIGS["f4-2blocks"], dropout=0.1))   # dropout is not a weight
+    info = load_init_weights(ours, "kl", tmp_path / "vae")
+    assert info == {"format": "diffusers AutoencoderKL", "family": "kl", "scale_factor": pytest.approx(0.3)}
+    ours.eval()
+    assert_same_outputs(ours, theirs)
+
+
+def test_init_weights_from_a_diffusers_directory_vq(tmp_path):
+    from models.autoencoders import load_init_weights
+    config = vq_config("f2-1block", ema=True)     # our training settings; the EMA statistics start fresh
+    theirs = randomise_(diffusers.VQModel(**diffusers_vq_model_kwargs(config)), seed=8)
+    theirs.save_pretrained(tmp_path / "vq")
+    ours = AutoencoderVQ(config)
+    fresh = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert load_init_weights(ours, "vq", tmp_path / "vq")["format"] == "diffusers VQModel"
+    assert torch.equal(ours.quantize.codebook, theirs.quantize.embedding.weight)
+    assert torch.equal(ours.state_dict()["quantize.cluster_size"], fresh["quantize.cluster_size"])
+    assert_same_vq_outputs(ours.eval(), theirs)
+
+
+def test_init_weights_from_our_directory_and_mismatches_named(tmp_path):
+    from models.autoencoders import load_init_weights
+    src = randomise_(AutoencoderKL(AutoencoderConfig(**CONFIGS["f2-1block"])), seed=9)
+    save_pretrained(src, tmp_path / "ours", extra={"scale_factor": 0.7})
+    dst = AutoencoderKL(AutoencoderConfig(**{**CONFIGS["f2-1block"], "resolution": 32}))  # another image size is fine
+    assert load_init_weights(dst, "kl", tmp_path / "ours") == {"format": "ldmflow", "family": "kl", "scale_factor": 0.7}
+    assert_state_dicts_equal(dst.state_dict(), src.state_dict())
+    # Another architecture: every differing field named, before any weight is copied.
+    other = AutoencoderKL(AutoencoderConfig(**{**CONFIGS["f2-1block"], "ch": 16, "z_channels": 3}))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^init_weights: .*\(ldmflow\) is another architecture: model\.ch "
+                                         r"\(weights 32, config 16\); model\.z_channels \(weights 4, config 3\)$"):
+        load_init_weights(other, "kl", tmp_path / "ours")
+    assert_state_dicts_equal(other.state_dict(), before)
+    # Attention placement is not a field that differs by name here: the keys say it.
+    attn = AutoencoderKL(AutoencoderConfig(**{**CONFIGS["f2-1block"], "attn_resolutions": (8,)}))
+    with pytest.raises(ValueError, match=r"^init_weights: .*missing keys \(e\.g\. encoder\.levels\.1\.attns\.0\."):
+        load_init_weights(attn, "kl", tmp_path / "ours")
+    # Another family, and a directory that is not a saved model.
+    with pytest.raises(ValueError, match=r"^init_weights: .* holds a KL autoencoder \(ldmflow\); this stage trains "
+                                         r"family 'vq'"):
+        load_init_weights(AutoencoderVQ(vq_config("f2-1block")), "vq", tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_init_weights(dst, "kl", tmp_path)
+    theirs = diffusers.VQModel(**diffusers_vq_model_kwargs(vq_config("f2-1block", codebook_size=8)))
+    theirs.save_pretrained(tmp_path / "vq8")
+    with pytest.raises(ValueError, match=r"diffusers VQModel\) is another architecture: quantizer\.codebook_size "
+                                         r"\(weights 8, config 16\)$"):
+        load_init_weights(AutoencoderVQ(vq_config("f2-1block")), "vq", tmp_path / "vq8")

@@ -306,3 +306,92 @@ def test_interrupted_and_resumed_equals_uninterrupted(ray_local, tmp_path, shard
     restarted = _fit(tmp_path / "ray", "failed", _loop_cfg(shards, checkpoint_every=3, _fail_at_step=3, **kw),
                      max_failures=1)
     _assert_same(_final_state(restarted), full)
+
+
+# ---------------------------------------------------------------- starting from saved weights
+
+def _diffusers_kl_dir(path, **model):
+    """TINY_AE's architecture (plus `model` changes) saved by diffusers' AutoencoderKL.save_pretrained."""
+    diffusers = pytest.importorskip("diffusers")
+    from models.interop.diffusers_autoencoder import diffusers_autoencoder_kl_kwargs
+    torch.manual_seed(3)
+    theirs = diffusers.AutoencoderKL(**diffusers_autoencoder_kl_kwargs(
+        AutoencoderConfig.from_dict({**TINY_AE, "norm_num_groups": 8, **model}), scale_factor=0.5))
+    theirs.save_pretrained(path)
+    return path
+
+
+def test_init_weights_of_another_architecture_fail_before_any_worker(tmp_path, shards):
+    """The stage checks init_weights on the driver: the error names the config path and every
+    differing field, and nothing (no MLflow run, no Ray job) has started."""
+    from pipelines.train_autoencoder import train_autoencoder
+    src = _diffusers_kl_dir(tmp_path / "vae", ch=16)
+
+    class NoTrainingContext:
+        ray_storage = tmp_path / "ray"
+
+        def stage_dir(self, name):
+            return tmp_path / name
+
+        def stage_run(self, *a, **k):
+            raise AssertionError("the stage started a run before checking init_weights")
+
+    c = _loop_cfg(shards)
+    cfg = AutoencoderStageConfig(**{**{k: v for k, v in c.items() if k in AutoencoderStageConfig.__dataclass_fields__},
+                                    "model": AutoencoderConfig.from_dict({**TINY_AE, "norm_num_groups": 8}),
+                                    "loss": AutoencoderLossConfig.from_dict(c["loss"]),
+                                    "quantizer": QuantizerConfig.from_dict(c["quantizer"]),
+                                    "init_weights": str(src)})
+
+    class Data:
+        dataset_hash, run_id, train_urls, val_urls = "d", "r", shards["train"], shards["val"]
+
+    with pytest.raises(ConfigError, match=r"^autoencoder\.init_weights: .*\(diffusers AutoencoderKL\) is another "
+                                          r"architecture: model\.ch \(weights 16, config 8\)$"):
+        train_autoencoder(cfg, Data(), NoTrainingContext())
+    with pytest.raises(ConfigError, match=r"^autoencoder\.init_weights: .*missing: no config\.json"):
+        train_autoencoder(dataclasses_replace(cfg, init_weights=str(tmp_path / "missing")), Data(),
+                          NoTrainingContext())
+    with pytest.raises(ConfigError, match="^init_weights: expected a directory path or null"):
+        AutoencoderStageConfig(init_weights="")
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+def test_init_weights_are_part_of_the_stage_key(tmp_path):
+    from pipelines.run import _external_inputs
+    from tests.test_pipeline_e2e import QUICKSTART
+    assert _external_inputs(load_config(QUICKSTART), "autoencoder") == {}
+    src = _diffusers_kl_dir(tmp_path / "vae")
+    cfg = load_config(QUICKSTART, [f"autoencoder.init_weights={src}"])
+    first = _external_inputs(cfg, "autoencoder")
+    assert [os.path.basename(f["path"]) for f in first["init_weights"]] == \
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    weights = src / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")     # other weights at the same path: another key
+    assert _external_inputs(cfg, "autoencoder") != first
+
+
+def test_worker_starts_from_diffusers_weights(ray_local, tmp_path, shards):
+    """One step at a negligible learning rate from a diffusers directory: the exported model is the
+    diffusers model's weights (Adam moves each by ~lr), not the seeded random init."""
+    from models.autoencoders import build_autoencoder, load_autoencoder
+    from models.interop.diffusers_autoencoder import read_diffusers_autoencoder
+    src = _diffusers_kl_dir(tmp_path / "vae")
+    _, _, want, _ = read_diffusers_autoencoder(src)
+    c = _loop_cfg(shards, max_steps=1, lr=1e-12, num_workers=1, eval_images=4, loss={"disc_start": 10},
+                  init_weights=str(src))
+    c["model"] = {**c["model"], "norm_num_groups": 8}
+    result = _fit(tmp_path / "ray", "init", c)
+    with result.checkpoint.as_directory() as d:
+        ae, _ = load_autoencoder(os.path.join(d, MODEL_DIR))
+    got = ae.state_dict()
+    torch.manual_seed(c["seed"])
+    random_init = build_autoencoder("kl", c["model"]).state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=0, msg=k)
+    assert not torch.equal(got["encoder.conv_in.weight"], random_init["encoder.conv_in.weight"])

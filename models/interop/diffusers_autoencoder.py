@@ -60,6 +60,8 @@ __all__ = [
     "autoencoder_vq_state_dict_from_diffusers",
     "autoencoder_vq_to_diffusers",
     "autoencoder_vq_from_diffusers",
+    "DIFFUSERS_WEIGHTS",
+    "read_diffusers_autoencoder",
 ]
 
 # The only diffusers blocks with LDM's plain (attention-free) encoder/decoder levels.
@@ -360,6 +362,15 @@ def autoencoder_kl_to_diffusers(model: AutoencoderKL, *, scale_factor: float = 1
     return _like(out, model)
 
 
+def _identity_quant_convs(state: dict[str, torch.Tensor], dconfig: Mapping[str, Any], z: int,
+                          ref: torch.Tensor) -> None:
+    # Without diffusers' 1x1 convs the latent passes straight through: an identity conv.
+    for key, width, used in (("quant_conv", 2 * z, "use_quant_conv"), ("post_quant_conv", z, "use_post_quant_conv")):
+        if not _get(dconfig, used, True):
+            state[f"{key}.weight"] = torch.eye(width, dtype=ref.dtype, device=ref.device)[:, :, None, None]
+            state[f"{key}.bias"] = torch.zeros(width, dtype=ref.dtype, device=ref.device)
+
+
 def autoencoder_kl_from_diffusers(model: diffusers.AutoencoderKL) -> AutoencoderKL:
     """Our AutoencoderKL with a diffusers AutoencoderKL's weights (same device and dtype, eval mode).
 
@@ -369,13 +380,7 @@ def autoencoder_kl_from_diffusers(model: diffusers.AutoencoderKL) -> Autoencoder
     dconfig = model.config
     config = autoencoder_config_from_diffusers(dconfig)
     state = autoencoder_kl_state_dict_from_diffusers(model.state_dict())
-    ref = next(model.parameters())
-    # Without diffusers' 1x1 convs the latent passes straight through: an identity conv.
-    z2, z = 2 * config.z_channels, config.z_channels
-    for key, width, used in (("quant_conv", z2, "use_quant_conv"), ("post_quant_conv", z, "use_post_quant_conv")):
-        if not _get(dconfig, used, True):
-            state[f"{key}.weight"] = torch.eye(width, dtype=ref.dtype, device=ref.device)[:, :, None, None]
-            state[f"{key}.bias"] = torch.zeros(width, dtype=ref.dtype, device=ref.device)
+    _identity_quant_convs(state, dconfig, config.z_channels, next(model.parameters()))
     out = AutoencoderKL(config)
     load_state_checked(out, state, "AutoencoderKL")
     return _like(out, model)
@@ -482,3 +487,42 @@ def autoencoder_vq_from_diffusers(model: diffusers.VQModel) -> AutoencoderVQ:
     state.update({k: own[k] for k in _QUANTIZER_TRAINING_STATE if k in own})
     load_state_checked(out, state, "AutoencoderVQ")
     return _like(out, model)
+
+
+# --------------------------------------------------------------------------- saved directories
+
+# What diffusers' save_pretrained writes (safetensors since 0.15; the .bin before).
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_CLASSES = {"AutoencoderKL": "kl", "VQModel": "vq"}
+
+
+def read_diffusers_autoencoder(directory) -> tuple[str, AutoencoderConfig | AutoencoderVQConfig,
+                                                   dict[str, torch.Tensor], float | None]:
+    """A directory written by diffusers' `AutoencoderKL/VQModel.save_pretrained`, read without
+    diffusers: (family "kl" or "vq", our config, our state dict, scaling_factor or None).
+    The VQ state has no quantiser training state (a new model's is used, as on import)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    dconfig = json.loads((directory / "config.json").read_text())
+    cls = dconfig.get("_class_name")
+    if cls not in _CLASSES:
+        raise ValueError(f"{directory}: _class_name {cls!r} in config.json; expected one of {sorted(_CLASSES)}")
+    weights = next((directory / n for n in DIFFUSERS_WEIGHTS if (directory / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{directory}: none of {', '.join(DIFFUSERS_WEIGHTS)}")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        theirs = load_file(str(weights))
+    else:
+        theirs = torch.load(weights, map_location="cpu", weights_only=True)
+    scale = dconfig.get("scaling_factor")
+    scale = None if scale is None else _check_scale("scaling_factor", scale)
+    if _CLASSES[cls] == "kl":
+        config = autoencoder_config_from_diffusers(dconfig)
+        state = autoencoder_kl_state_dict_from_diffusers(theirs)
+        _identity_quant_convs(state, dconfig, config.z_channels, next(iter(theirs.values())))
+        return "kl", config, state, scale
+    config = autoencoder_vq_config_from_diffusers(dconfig)
+    return "vq", config, autoencoder_vq_state_dict_from_diffusers(theirs), scale
