@@ -333,3 +333,17 @@ def test_precision_benchmark_quick_names_auto_s_pick():
     fig = r["figures"][0]
     assert 0 < fig["value"] <= 1.0 and fig["op"] == ">=" and fig["target"] == precision.TARGET
     assert "precision" in run_all.BENCHMARKS
+
+
+@pytest.mark.slow   # ~1-3 min: builds both nets, counts FLOPs, times an emulated-bf16 matmul
+def test_unet_speed_without_native_bf16_compares_fp32_only(tmp_path):
+    """--bf16 off (auto's choice on a CPU without AMX/avx512_bf16): no bf16 variant is timed, the
+    profiles are fp32, and the report says why."""
+    from benchmarks import unet_speed
+    res = unet_speed.main(["--quick", "--no-sampling", "--bf16", "off", "--threads", "1",
+                           "--json", str(tmp_path / "u.json")])
+    assert list(res["training"]["variants"]) == ["diffusers fp32", "ldmflow fp32", "ldmflow fp32 + channels_last"]
+    assert list(res["profiles"]) == ["training step, fp32", "sampling forward (2B), fp32"]
+    assert "No bf16 variants: this CPU has no native bf16" in res["markdown"]
+    assert res["figures"][0]["name"].startswith("training step: ldmflow fp32")
+    assert json.loads((tmp_path / "u.json").read_text())["env"]["bf16"] is False
