@@ -72,13 +72,13 @@ def baseline_worker(c: dict) -> None:
         if resume_dir is not None:
             fp, part = training_fingerprint(c)
             meta = checked_resume_meta(resume_dir, fp, part, "baseline")
-            state = torch.load(os.path.join(resume_dir, "state.pt"), map_location=device, weights_only=False)
+            state = torch.load(os.path.join(resume_dir, "state.pt"), map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
             for k, o in opts.items():
                 o.load_state_dict(state["opts"][k])
             rng = os.path.join(resume_dir, f"rng_rank{rank}.pt")
             if meta["world"] == world and os.path.isfile(rng):
-                torch.set_rng_state(torch.load(rng, weights_only=False)["rng"])
+                torch.set_rng_state(torch.load(rng, weights_only=True)["rng"])
             step, elapsed, cpu = meta["step"], meta["elapsed"], meta["cpu"]
         else:
             torch.manual_seed(c["seed"] * 1000 + rank + 1)   # per-rank sampling noise from here on

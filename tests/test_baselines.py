@@ -112,3 +112,27 @@ def test_bpd_helpers_golden_values():
     d = dequantize(x, torch.Generator().manual_seed(0))
     assert (d >= -1).all() and (d < 1).all()
     assert torch.equal(torch.floor((d + 1) * 128).long(), to_8bit(x))   # stays in its own bin
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_training_state_loads_with_weights_only(family):
+    """train_baseline's checkpoint (state.pt: model + every optimizer after a step; rng_rank*.pt)
+    reads back with torch.load(weights_only=True): no pickled code runs on resume."""
+    import io
+    m = build_baseline(family, TINY[family])
+    opts = m.make_optimizers()
+    for o in opts.values():
+        for g in o.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        o.step()
+    buf, rng = io.BytesIO(), torch.get_rng_state()
+    torch.save({"model": m.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()}, "rng": rng}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = build_baseline(family, TINY[family])
+    fresh.load_state_dict(state["model"])
+    for k, o in fresh.make_optimizers().items():
+        o.load_state_dict(state["opts"][k])
+        assert o.state_dict()["state"].keys() == opts[k].state_dict()["state"].keys()
+    assert torch.equal(state["rng"], rng)
