@@ -91,7 +91,7 @@ def load_init_weights(net: nn.Module, family: str, directory) -> dict[str, Any]:
     Weights of another family or architecture raise ValueError naming every field that differs,
     then (for anything the fields do not show) the mismatching keys. The VQ quantiser's training
     state (EMA statistics, dead-code clock) starts fresh, as in a new run."""
-    from models.interop.diffusers_autoencoder import read_diffusers_autoencoder
+    from models.interop.diffusers_autoencoder import read_diffusers_autoencoder, with_fresh_quantizer_state
     from models.checkpoint import WEIGHTS_NAME, config_to_dict, load_state
 
     directory = Path(directory)
@@ -124,11 +124,8 @@ def load_init_weights(net: nn.Module, family: str, directory) -> dict[str, Any]:
     if diffs:
         raise ValueError(f"init_weights: {directory} ({fmt}) is another architecture: {'; '.join(diffs)}")
     own = net.state_dict()
-    # The quantiser's training statistics (and their presence, which depends on `ema`) stay the new run's.
-    for k in [k for k in own if k.startswith("quantize.") and k != "quantize.codebook"]:
-        state[k] = own[k]
-    for k in [k for k in state if k.startswith("quantize.") and k != "quantize.codebook" and k not in own]:
-        del state[k]
+    if family == "vq":
+        state = with_fresh_quantizer_state(state, own)
     try:
         _kl.load_state_checked(net, {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()},
                                type(net).__name__)

@@ -62,6 +62,7 @@ __all__ = [
     "autoencoder_vq_from_diffusers",
     "DIFFUSERS_WEIGHTS",
     "read_diffusers_autoencoder",
+    "with_fresh_quantizer_state",
 ]
 
 # The only diffusers blocks with LDM's plain (attention-free) encoder/decoder levels.
@@ -445,6 +446,15 @@ def autoencoder_vq_config_from_diffusers(dconfig: Mapping[str, Any]) -> Autoenco
     )
 
 
+def with_fresh_quantizer_state(state: Mapping[str, torch.Tensor],
+                               own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the quantiser's training clock / EMA statistics taken from `own` (a new model's):
+    imported or initial weights start them fresh, and which exist depends on the new config's `ema`."""
+    out = {k: v for k, v in state.items() if k not in _QUANTIZER_TRAINING_STATE}
+    out.update({k: own[k] for k in _QUANTIZER_TRAINING_STATE if k in own})
+    return out
+
+
 def autoencoder_vq_state_dict_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our AutoencoderVQ state dict -> diffusers VQModel's (a pure function; training state dropped)."""
     state = dict(state)
@@ -482,10 +492,7 @@ def autoencoder_vq_from_diffusers(model: diffusers.VQModel) -> AutoencoderVQ:
     """
     out = AutoencoderVQ(autoencoder_vq_config_from_diffusers(model.config))
     state = autoencoder_vq_state_dict_from_diffusers(model.state_dict())
-    own = out.state_dict()
-    # The quantiser's training clock / EMA statistics start fresh, as in a new model.
-    state.update({k: own[k] for k in _QUANTIZER_TRAINING_STATE if k in own})
-    load_state_checked(out, state, "AutoencoderVQ")
+    load_state_checked(out, with_fresh_quantizer_state(state, out.state_dict()), "AutoencoderVQ")
     return _like(out, model)
 
 
