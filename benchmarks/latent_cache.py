@@ -88,7 +88,8 @@ class Trainer:
         from models.precision import resolve_precision
         self.bf16 = resolve_precision(dcfg.precision, "cpu") == "bf16"
         self.denoiser = build_denoiser(UNet(dcfg.unet), dcfg.schedule, dcfg.objective).train()
-        self.opt = torch.optim.AdamW(self.denoiser.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+        from models.optim import adam   # the stage's optimizer: torch's AdamW, fused kernel (DeepSpeed torch_adam)
+        self.opt = adam(self.denoiser.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay, decoupled=True)
         self.gen = torch.Generator().manual_seed(seed)
         self.norm = LatentNorm()   # the scale's value does not change the cost
         null = np.load(null_text)

@@ -61,7 +61,8 @@ def run(quick: bool = False) -> dict:
     auto = resolve_precision("auto", "cpu")
     rows, ratios, raw = [], [], {}
     for name, (model, loss_of) in models.items():
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        from models.optim import adam   # the stages' optimizer
+        opt = adam(model.parameters(), lr=1e-4)
         times = {"fp32": [], "bf16": []}
         for p in times:   # warm-up: first-call costs, allocator
             _step(model, opt, loss_of, p == "bf16")

@@ -5,7 +5,13 @@ attention on CUDA when it is installed, torch's scaled_dot_product_attention
 otherwise, and a plain math implementation where neither is there. One more,
 "sdpa_fp32", runs SDPA on float32 copies: auto takes it for bf16/fp16 training on
 the CPU, where torch's low-precision flash-attention backward is 2-4x slower than
-its float32 one (torch 2.14, measured: benchmarks/unet_speed.py). All of them
+its float32 one (torch 2.14, measured: benchmarks/unet_speed.py). For bf16/fp16
+training on the CPU auto takes the plain math path instead when the score matrix is
+small (B*H*Lq*Lk up to MATH_MAX_SCORES, e.g. a 16x16 latent's self-attention): torch's
+CPU flash kernels are built for long sequences, and narrow heads waste them, while two
+batched bf16 matmuls and a softmax ran the forward + backward 1.6x faster than sdpa_fp32
+there and a whole bf16 U-Net training step 7-13% faster (benchmarks/unet_speed.py); above
+that size the O(L^2) scores cost memory the flash kernels never allocate. All of them
 compute the same function; `attention_backend("math")` (a context manager) or
 `set_attention_backend` force one, for tests and for debugging a kernel. The
 modules above it only shape tensors.
@@ -34,6 +40,7 @@ __all__ = [
     "set_attention_backend",
     "get_attention_backend",
     "resolve_attention_backend",
+    "MATH_MAX_SCORES",
     "norm",
     "CrossAttention",
     "SelfAttention2d",
@@ -90,18 +97,24 @@ def attention_backend(name: AttentionBackend) -> Iterator[None]:
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Largest score matrix (B * heads * Lq * Lk elements) auto gives the math path in low-precision
+# CPU training: 2^26 bf16 scores are 128 MiB, kept with the probabilities for the backward.
+MATH_MAX_SCORES = 2**26
 
 
 def resolve_attention_backend(
-    device: torch.device | str, masked: bool, dtype: torch.dtype | None = None, grad: bool = False
+    device: torch.device | str, masked: bool, dtype: torch.dtype | None = None, grad: bool = False,
+    scores: int | None = None,
 ) -> str:
     """The kernel `attention()` uses for tensors on `device` (with a key mask or not),
-    of `dtype`, that autograd will differentiate (`grad`) or not.
+    of `dtype`, that autograd will differentiate (`grad`) or not, whose score matrix has
+    `scores` = B * heads * Lq * Lk elements (None: unknown, taken as large).
 
     auto: xformers on CUDA when installed and there is no mask; on the CPU, for
-    bf16/fp16 with grad, sdpa_fp32 (SDPA's low-precision CPU backward is the slow part
-    of a bf16 training step; its forward is fine, so inference keeps plain SDPA); SDPA
-    when torch has it; math otherwise. A forced backend that cannot run there raises ValueError.
+    bf16/fp16 with grad, math when the scores are at most MATH_MAX_SCORES, else sdpa_fp32
+    (SDPA's low-precision CPU backward is the slow part of a bf16 training step; its forward
+    is fine, so inference keeps plain SDPA); SDPA when torch has it; math otherwise. A forced
+    backend that cannot run there raises ValueError.
     """
     device = torch.device(device)
     has_sdpa = hasattr(F, "scaled_dot_product_attention")
@@ -111,7 +124,7 @@ def resolve_attention_backend(
         if not has_sdpa:
             return "math"
         if device.type == "cpu" and grad and dtype in _LOW_PRECISION:
-            return "sdpa_fp32"
+            return "math" if scores is not None and scores <= MATH_MAX_SCORES else "sdpa_fp32"
         return "sdpa"
     if _backend == "xformers":
         if device.type != "cuda" or _xformers_ops() is None:
@@ -127,14 +140,21 @@ def resolve_attention_backend(
 def _math_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v written out: the reference the fused kernels must equal."""
+    """softmax(q k^T / sqrt(d)) v written out: the reference the fused kernels must equal, and
+    auto's pick for small low-precision CPU training (see resolve_attention_backend)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    # Softmax in float32 (half-precision exp overflows and sums lose mass), then
-    # back. A row with every key masked is all -inf -> NaN; zero it, as SDPA does.
-    probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(v.dtype)
-    return probs @ v  # (B, H, Lq, d)
+    if scores.dtype == torch.float16:
+        # Softmax in float32 (half-precision exp overflows and sums lose mass), then back.
+        probs = scores.float().softmax(dim=-1)
+    else:
+        # float32, float64, bf16 (bf16's range is float32's; torch's softmax accumulates it in
+        # float32 and rounds once: what .float().softmax().to(bf16) gives, without two copies).
+        probs = scores.softmax(dim=-1)
+    if mask is not None:
+        probs = probs.nan_to_num(0.0)  # a row with every key masked is all -inf -> NaN; zero, as SDPA does
+    return probs.to(v.dtype) @ v  # (B, H, Lq, d)
 
 
 def attention(
@@ -168,7 +188,8 @@ def attention(
     # the memory the kernel is meant to save, while SDPA takes the (B, 1, 1, Lk) bool
     # mask by broadcast and runs its own memory-efficient CUDA kernel on it.
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    backend = resolve_attention_backend(q.device, mask is not None, q.dtype, grad)
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    backend = resolve_attention_backend(q.device, mask is not None, q.dtype, grad, scores)
     if backend == "xformers":
         # xformers layout is (B, L, H, d); the transposes are views, not copies.
         out = _xformers_ops().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

@@ -373,6 +373,7 @@ def autoencoder_worker(c: dict) -> None:
     from models.autoencoders import build_autoencoder, load_init_weights
     from models.ema import EMA
     from models.losses import AutoencoderLoss, AutoencoderLossConfig
+    from models.optim import adam
     from models.quantize import torch_all_reduce_sum
 
     rank, world = world_info()
@@ -390,10 +391,10 @@ def autoencoder_worker(c: dict) -> None:
         device = ray.train.torch.get_device()
         net.to(device)
         loss_fn.to(device)
-        opt_g = torch.optim.Adam(list(net.parameters()) + loss_fn.generator_parameters(), lr=c["lr"],
-                                 betas=tuple(c["adam_betas"]))
-        opt_d = torch.optim.Adam(loss_fn.discriminator_parameters(), lr=c["disc_lr"] or c["lr"],
-                                 betas=tuple(c["adam_betas"]))
+        opt_g = adam(list(net.parameters()) + loss_fn.generator_parameters(), lr=c["lr"],
+                     betas=tuple(c["adam_betas"]))
+        opt_d = adam(loss_fn.discriminator_parameters(), lr=c["disc_lr"] or c["lr"],
+                     betas=tuple(c["adam_betas"]))
         ema = EMA(net, decay=c["ema_decay"]) if c["ema_decay"] > 0 else None
         step, running, n_run, meta = 0, {}, 0, {}
         if resume_dir is not None:

@@ -43,6 +43,7 @@ def clip_worker(c: dict) -> None:
     import ray.train.torch
     from open_clip.loss import ClipLoss
     from models.clip import VisionTowerConfig, build_clip, encode_pair, text_encoder_from_clip
+    from models.optim import adam
     from models.text import TextEncoderConfig, save_text_encoder
     from pipelines.shards import rank_batches
 
@@ -58,8 +59,9 @@ def clip_worker(c: dict) -> None:
     # open_clip's recipe: no weight decay on gains, biases, embeddings and the temperature.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, 0.98), eps=1e-6)
+    opt = adam([{"params": decay, "weight_decay": c["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, 0.98), eps=1e-6,
+               decoupled=True)
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
     batches = rank_batches(c["train_urls"], rank, world, c["seed"], c["batch_size"],
                            _pair_arrays(c["resolution"]), c["preload_max_gb"] * 2 ** 30)

@@ -69,6 +69,52 @@ def test_auto_picks_sdpa_fp32_only_for_low_precision_cpu_training():
     assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=False) == "sdpa"  # inference: bf16 SDPA
     assert resolve_attention_backend("cpu", True, torch.bfloat16, grad=True) == "sdpa_fp32"
     assert resolve_attention_backend("cpu", False, torch.float16, grad=True) == "sdpa_fp32"
+    # Scores too big for the math path (or of unknown size) stay on sdpa_fp32.
+    big = attention_module.MATH_MAX_SCORES + 1
+    assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=True, scores=big) == "sdpa_fp32"
+
+
+def test_auto_picks_math_for_small_low_precision_cpu_training():
+    """A 16x16 latent's self-attention at batch 16, 4 heads (the benchmark's U-Net): the math path,
+    masked or not; never for inference, float32 or CUDA."""
+    small = 16 * 4 * 256 * 256
+    for masked in (False, True):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert resolve_attention_backend("cpu", masked, dtype, grad=True, scores=small) == "math"
+    assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=False, scores=small) == "sdpa"
+    assert resolve_attention_backend("cpu", False, torch.float32, grad=True, scores=small) == "sdpa"
+    limit = attention_module.MATH_MAX_SCORES
+    assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=True, scores=limit) == "math"
+
+
+def test_attention_call_passes_its_score_size(monkeypatch):
+    seen = []
+    real = attention_module.resolve_attention_backend
+
+    def spy(*args, **kw):
+        seen.append(args[4] if len(args) > 4 else kw.get("scores"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attention_module, "resolve_attention_backend", spy)
+    q, k, v = qkv(torch.bfloat16, requires_grad=True)   # q (2, 3, 10, 16), k/v (2, 3, 7, 16)
+    attention(q, k, v)
+    assert seen == [2 * 3 * 10 * 7]
+
+
+def test_math_bf16_softmax_is_the_float32_softmax_rounded_once():
+    """The math path's bf16 softmax (no float32 copy) equals the float32 softmax rounded to bf16,
+    and with a mask a fully masked row is zeros, as SDPA gives."""
+    g = torch.Generator().manual_seed(0)
+    scores = (4 * torch.randn(3, 2, 9, 11, generator=g)).bfloat16()
+    assert torch.equal(scores.softmax(-1), scores.float().softmax(-1).bfloat16())
+    q, k, v = qkv(torch.bfloat16)
+    mask = torch.tensor([[False] * 7, [True, False] * 3 + [True]])
+    with attention_backend("math"):
+        out = attention(q, k, v, mask)
+    with attention_backend("sdpa"):
+        ref = attention(q.float(), k.float(), v.float(), mask)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    close_to(out[1], ref[1], 3e-2)
     with attention_backend("sdpa"):  # forcing sdpa is the plain path
         assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=True) == "sdpa"
     with attention_backend("sdpa_fp32"):
@@ -91,7 +137,8 @@ def _sdpa_dtypes(monkeypatch) -> list[torch.dtype]:
 def test_sdpa_fp32_runs_in_float32_under_autocast(monkeypatch):
     seen = _sdpa_dtypes(monkeypatch)
     q, k, v = qkv(torch.bfloat16, requires_grad=True)
-    with torch.autocast("cpu", torch.bfloat16):
+    # auto would take the math path for scores this small: ask for sdpa_fp32 by name
+    with attention_backend("sdpa_fp32"), torch.autocast("cpu", torch.bfloat16):
         out = attention(q, k, v)
     assert seen == [torch.float32] and out.dtype == torch.bfloat16  # fp32 inside, caller's dtype out
     seen.clear()
@@ -134,8 +181,8 @@ def test_sdpa_fp32_bf16_grads_match_float32_reference():
 
 
 def test_unet_bf16_training_step_fast_attention_matches_plain():
-    """A bf16-autocast forward + backward through the whole net: auto (sdpa_fp32) vs forced sdpa,
-    both against the float32 step."""
+    """A bf16-autocast forward + backward through the whole net: auto (here math: small scores),
+    forced math, sdpa_fp32 and plain sdpa, each against the float32 step."""
     model = tiny_unet().train()
     x, t, context = unet_inputs()
     target = torch.randn_like(x)
@@ -150,7 +197,7 @@ def test_unet_bf16_training_step_fast_attention_matches_plain():
     out32, grads32 = step("auto", bf16=False)
     flat32 = torch.cat([g.flatten() for g in grads32])
     errors = {}
-    for backend in ("auto", "sdpa"):
+    for backend in ("auto", "math", "sdpa_fp32", "sdpa"):
         out, grads = step(backend, bf16=True)
         close_to(out, out32, 3e-2)
         # Gradients of every parameter as one vector: relative L2 error (single small entries of a
@@ -158,7 +205,10 @@ def test_unet_bf16_training_step_fast_attention_matches_plain():
         flat = torch.cat([g.flatten() for g in grads])
         errors[backend] = ((flat - flat32).norm() / flat32.norm()).item()
         assert errors[backend] <= 5e-2, (backend, errors[backend])
-    assert errors["auto"] <= 1.25 * errors["sdpa"]  # float32 attention: no less accurate than bf16 SDPA
+    assert errors["auto"] == errors["math"]   # auto took the math path for these small scores
+    # float32 attention, and bf16 matmuls with a float32-accumulated softmax: no less accurate than bf16 SDPA
+    assert errors["sdpa_fp32"] <= 1.25 * errors["sdpa"]
+    assert errors["math"] <= 1.25 * errors["sdpa"]
 
 
 # ------------------------------------------------------------------ bf16 inference copy

@@ -21,6 +21,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
+from models.optim import adam
+
 # Called after each backward with the parameters whose .grad must be averaged over data-parallel
 # ranks (the stage passes an all_reduce; a single process passes a no-op).
 SyncGrads = Callable[[Iterable[nn.Parameter]], None]
@@ -78,7 +80,7 @@ class Baseline(nn.Module):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers (one Adam over all parameters unless the family overrides it; a GAN has
         "generator" and "discriminator"). Their state is checkpointed by name."""
-        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+        return {"model": adam(self.parameters(), lr=self.config.lr)}
 
     def train_step(self, x: torch.Tensor, opts: dict[str, torch.optim.Optimizer], step: int,
                    sync_grads: SyncGrads = no_sync) -> dict[str, float]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.optim import adam
 from models.baselines.base import Baseline, BaselineConfig, SyncGrads, no_sync
 
 __all__ = ["Config", "DCGAN", "Generator", "Discriminator", "check_gan_config", "discriminator_loss",
@@ -148,8 +149,8 @@ class DCGAN(Baseline):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
         betas = (c.beta1, c.beta2)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=betas),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=c.lr, betas=betas)}
+        return {"generator": adam(self.generator.parameters(), lr=c.lr, betas=betas),
+                "discriminator": adam(self.discriminator.parameters(), lr=c.lr, betas=betas)}
 
     def train_step(self, x: Tensor, opts: dict[str, torch.optim.Optimizer], step: int,
                    sync_grads: SyncGrads = no_sync) -> dict[str, float]:

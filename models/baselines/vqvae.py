@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.optim import adam
 from models.baselines.base import Baseline, BaselineConfig, SyncGrads, no_sync, to_8bit
 from models.baselines.pixelcnn import GatedPixelCNNNet, categorical_nll, check_resolution, sample_grid
 from models.quantize import AllReduce, QuantizerConfig, VectorQuantizer
@@ -171,8 +172,8 @@ class VQVAEPixelCNN(Baseline):
 
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         lr = self.config.lr
-        return {"autoencoder": torch.optim.Adam(self.autoencoder_parameters(), lr=lr),
-                "prior": torch.optim.Adam(self.prior.parameters(), lr=lr)}
+        return {"autoencoder": adam(self.autoencoder_parameters(), lr=lr),
+                "prior": adam(self.prior.parameters(), lr=lr)}
 
     # ---- pieces ------------------------------------------------------------------------------
     def decode(self, z_q: Tensor) -> tuple[Tensor, Tensor]:
