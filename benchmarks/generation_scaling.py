@@ -115,26 +115,36 @@ def prompts(n: int) -> list[str]:
     return [f"a {colors[i % len(colors)]} {shapes[(i // len(colors)) % len(shapes)]}" for i in range(n)]
 
 
+def _plain_loop(sampler, texts: list[str], batch_size: int) -> None:
+    """Sample and PNG-encode `texts` in generate's sub-batches (seeds from the ids = line numbers)."""
+    from pipelines.pyfunc import derive_seed, png_bytes
+    seeds = [derive_seed(str(i + 1), sampler.settings.seed) for i in range(len(texts))]
+    for b in range(0, len(texts), batch_size):
+        for img in sampler.sample(texts[b:b + batch_size], seeds[b:b + batch_size]):
+            png_bytes(img)
+
+
 def plain_rate(bundle_dir: Path, texts: list[str], batch_size: int) -> float:
     """Images/s of a single-process loop over the sampler at 1 thread, batches as generate's."""
-    from pipelines.pyfunc import ModelBundle, derive_seed, make_sampler, png_bytes, torch_threads
+    from pipelines.pyfunc import ModelBundle, make_sampler, torch_threads
     with torch_threads(1):
         sampler = make_sampler(ModelBundle.from_dir(bundle_dir))
-        seeds = [derive_seed(str(i + 1), sampler.settings.seed) for i in range(len(texts))]   # ids = line numbers
         t = time.perf_counter()
-        for b in range(0, len(texts), batch_size):
-            for img in sampler.sample(texts[b:b + batch_size], seeds[b:b + batch_size]):
-                png_bytes(img)
+        _plain_loop(sampler, texts, batch_size)
         return len(texts) / (time.perf_counter() - t)
 
 
 def _plain_process(bundle_dir: str, texts: list[str], batch_size: int, barrier, results) -> None:
-    """One of plain_parallel_rate's processes: warm up, wait for the others, then time the loop."""
-    plain_rate(Path(bundle_dir), texts[:batch_size], batch_size)   # first-call costs, not timed
-    barrier.wait()
-    t0 = time.time()   # wall clock: comparable across the processes
-    plain_rate(Path(bundle_dir), texts, batch_size)
-    results.put((t0, time.time(), len(texts)))
+    """One of plain_parallel_rate's processes: load and warm up, wait for the others, then time
+    the loop alone (as plain_rate does)."""
+    from pipelines.pyfunc import ModelBundle, make_sampler, torch_threads
+    with torch_threads(1):
+        sampler = make_sampler(ModelBundle.from_dir(Path(bundle_dir)))
+        _plain_loop(sampler, texts[:batch_size], batch_size)   # first-call costs, not timed
+        barrier.wait()
+        t0 = time.time()   # wall clock: comparable across the processes
+        _plain_loop(sampler, texts, batch_size)
+        results.put((t0, time.time(), len(texts)))
 
 
 def plain_parallel_rate(bundle_dir: Path, texts: list[str], batch_size: int, procs: int = 2) -> float:
