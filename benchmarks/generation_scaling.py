@@ -232,6 +232,13 @@ def run(quick: bool = False, size: str | None = None, num_prompts: int | None = 
                             ("2 plain loops at once (2 processes, 1 thread each, no Ray)", plain2),
                             ("ldmflow generate, 1 actor", one),
                             ("ldmflow generate, 2 actors", two))]},
+        "note": (f"Where the scaling goes: two plain processes with no Ray reach {machine:.0%} of twice one "
+                 f"process's rate (two samplers sharing this machine's caches, memory bandwidth and clocks), "
+                 f"and generate's 2 actors reach {efficiency:.0%} of twice one actor's: "
+                 + (f"the machine accounts for all of the loss." if efficiency >= machine else
+                    f"of the {1 - efficiency:.0%} lost, {1 - machine:.0%} is the machine's and "
+                    f"{machine - efficiency:.0%} Ray's (its processes, the driver's reads and commits, on the "
+                    f"same 2 cores).")),
         "figures": [
             {"name": "Ray overhead, 1 - (1 actor / plain)", "value": overhead * 100, "unit": "%",
              "baseline": "plain loop", "op": "<=", "target": OVERHEAD_TARGET * 100},
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{res['setup']}\n\n| {' | '.join(cols)} |\n|{'---|' * len(cols)}")
     for r in res["table"]["rows"]:
         print(f"| {' | '.join(r)} |")
+    print(res["note"])
     for f in res["figures"]:
         goal = "no target" if f["target"] is None else f"target {f['op']} {f['target']:g}{f['unit']}"
         print(f"{f['name']}: {f['value']:.1f}{f['unit']} ({goal})")
