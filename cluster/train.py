@@ -205,16 +205,16 @@ def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_
     for-loop's six); on GPU DeepSpeed's FusedAdam."""
     import torch
     from models.optim import fused_supported
-    torch_adam = {"torch_adam": True}
-    if not on_gpu and fused_supported([torch.zeros(1)]):
-        torch_adam["fused"] = True    # passed through to torch.optim.AdamW
+    adamw: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
+    if not on_gpu:
+        adamw["torch_adam"] = True
+        if fused_supported([torch.zeros(1)]):
+            adamw["fused"] = True    # passed through to torch.optim.AdamW
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
-        "optimizer": {"type": "AdamW",
-                      "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999],
-                                 "eps": 1e-8, **(torch_adam if not on_gpu else {})}},
+        "optimizer": {"type": "AdamW", "params": adamw},
         "scheduler": {"type": "WarmupLR",
                       "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                  "warmup_num_steps": max(1, warmup_steps),

@@ -28,8 +28,8 @@ def _params_of(params: list[Any]) -> list[torch.Tensor]:
 
 
 def fused_supported(tensors: Iterable[torch.Tensor]) -> bool:
-    """True when torch's fused Adam takes these parameters: one floating dtype family on a device
-    type it has the kernel for (CPU since torch 2.4, CUDA, ...), no sparse or complex tensors."""
+    """True when torch's fused Adam takes these parameters: floating point, on a device type it has
+    the kernel for (CPU since torch 2.4, CUDA, ...), no sparse or complex tensors."""
     tensors = list(tensors)
     if not tensors:
         return False
