@@ -21,7 +21,8 @@ agree (1e-4, float32) before anything is timed. Then:
     cfg_model (one batched 2B forward per step) vs the standard diffusers loop (cat([latents] * 2),
     scheduler.step, chunk, guidance), diffusers in float32, bf16 autocast and bf16 weights;
     ldmflow in float32 and with a bf16 copy of the weights; with compiling on (the default but for
-    --quick) both bf16 copies also under torch.compile (what `sample.compile: true` does). Both
+    --quick) both bf16 copies also under torch.compile with inductor's weight freezing
+    (models/inference.compile_frozen, what `sample.compile: true` does). Both
     loops are first run in float32 on the same noise and checked to land on the same latents;
   - a torch.profiler breakdown of ldmflow's bf16 training step and bf16 forward (where time goes).
 
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.denoiser import Denoiser  # noqa: E402
+from models.inference import compile_frozen  # noqa: E402
 from models.interop.diffusers_unet import unet_from_diffusers  # noqa: E402
 from models.samplers import cfg_model, sample_ddim, sample_dpmpp_2m, sampler_timesteps  # noqa: E402
 
@@ -316,12 +318,10 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
                                "compile_s": {}}
     if args.compile:
         # What `sample.compile: true` / `generate --compile` do: the bf16 copy compiled in place with
-        # one static shape. diffusers' loop gets the same treatment, shown but not the baseline
-        # (the issue's baseline is the plain diffusers loop).
-        ours_c = copy.deepcopy(ours_bf16)
-        ours_c.compile(dynamic=False)
-        theirs_c = copy.deepcopy(theirs_bf16)
-        theirs_c.compile(dynamic=False)
+        # one static shape and its weights frozen (models/inference.py). diffusers' loop gets the
+        # same treatment, shown but not the baseline (the issue's baseline is the plain diffusers loop).
+        ours_c = compile_frozen(copy.deepcopy(ours_bf16), dynamic=False)
+        theirs_c = compile_frozen(copy.deepcopy(theirs_bf16), dynamic=False)
     for sampler, (sched, spacing) in schedulers.items():
         abar = sched.alphas_cumprod.clone()
         ts = sampler_timesteps(sampler, sched.config.num_train_timesteps, args.steps, spacing)

@@ -239,6 +239,7 @@ class BundleSampler:
         from models.autoencoders import load_autoencoder
         from models.checkpoint import load_state
         from models.denoiser import ObjectiveConfig, build_denoiser
+        from models.inference import compile_frozen
         from models.latent_norm import LatentNorm
         from models.samplers import SAMPLERS, sampler_timesteps
         from models.schedules import ScheduleConfig
@@ -264,9 +265,11 @@ class BundleSampler:
         self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
         self._compiled_batch = 0
         if s.compile:
-            # In place (state dict keys unchanged). dynamic=False: one specialised graph for the
-            # batch shape; sample() pads a smaller batch up to it instead of compiling again.
-            unet.compile(dynamic=False)
+            # In place (state dict keys unchanged), the weights frozen into the graph (inductor
+            # pre-packs them for oneDNN on the CPU; 20% off a bf16 forward, models/inference.py).
+            # dynamic=False: one specialised graph for the batch shape; sample() pads a smaller
+            # batch up to it instead of compiling again.
+            compile_frozen(unet, dynamic=False)
         self.sample_fn = SAMPLERS[s.sampler]
         # Raises here, before any prompt: too many steps, or a flow sampler on a diffusion model.
         self.timesteps = sampler_timesteps(s.sampler, schedule.num_timesteps, s.steps, s.spacing)

@@ -76,29 +76,76 @@ def test_auto_picks_sdpa_fp32_only_for_low_precision_cpu_training():
 
 def test_auto_picks_math_for_small_low_precision_cpu_training():
     """A 16x16 latent's self-attention at batch 16, 4 heads (the benchmark's U-Net): the math path,
-    masked or not; never for inference, float32 or CUDA."""
+    masked or not; not for float32 training, nor for inference over 256 keys."""
     small = 16 * 4 * 256 * 256
     for masked in (False, True):
         for dtype in (torch.bfloat16, torch.float16):
             assert resolve_attention_backend("cpu", masked, dtype, grad=True, scores=small) == "math"
     assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=False, scores=small) == "sdpa"
+    assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=False, scores=small, keys=256) == "sdpa"
     assert resolve_attention_backend("cpu", False, torch.float32, grad=True, scores=small) == "sdpa"
     limit = attention_module.MATH_MAX_SCORES
     assert resolve_attention_backend("cpu", False, torch.bfloat16, grad=True, scores=limit) == "math"
 
 
-def test_attention_call_passes_its_score_size(monkeypatch):
+def test_auto_picks_math_for_cpu_inference_with_few_keys():
+    """Inference over at most MATH_MAX_KEYS keys (cross-attention to a 77-token caption, an 8x8
+    latent's self-attention) with small scores: math, any float dtype, masked or not. More keys,
+    unknown sizes, big scores or training in float32 keep SDPA."""
+    cross = 16 * 4 * 256 * 77   # batch 16, 4 heads, a 16x16 latent attending to 77 tokens
+    for masked in (False, True):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert resolve_attention_backend("cpu", masked, dtype, grad=False, scores=cross, keys=77) == "math"
+    limit = attention_module.MATH_MAX_KEYS
+    assert resolve_attention_backend("cpu", False, torch.float32, scores=cross, keys=limit) == "math"
+    assert resolve_attention_backend("cpu", False, torch.float32, scores=cross, keys=limit + 1) == "sdpa"
+    assert resolve_attention_backend("cpu", False, torch.float32, scores=cross) == "sdpa"          # keys unknown
+    assert resolve_attention_backend("cpu", False, torch.float32, keys=77) == "sdpa"              # scores unknown
+    big = attention_module.MATH_MAX_SCORES + 1
+    assert resolve_attention_backend("cpu", False, torch.bfloat16, scores=big, keys=77) == "sdpa"
+    assert resolve_attention_backend("cpu", False, torch.float32, grad=True, scores=cross, keys=77) == "sdpa"
+
+
+def test_attention_call_passes_its_score_size_and_keys(monkeypatch):
     seen = []
     real = attention_module.resolve_attention_backend
 
     def spy(*args, **kw):
-        seen.append(args[4] if len(args) > 4 else kw.get("scores"))
+        seen.append((args[4] if len(args) > 4 else kw.get("scores"), args[5] if len(args) > 5 else kw.get("keys")))
         return real(*args, **kw)
 
     monkeypatch.setattr(attention_module, "resolve_attention_backend", spy)
     q, k, v = qkv(torch.bfloat16, requires_grad=True)   # q (2, 3, 10, 16), k/v (2, 3, 7, 16)
     attention(q, k, v)
-    assert seen == [2 * 3 * 10 * 7]
+    assert seen == [(2 * 3 * 10 * 7, 7)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_inference_math_path_matches_sdpa(masked):
+    """What auto now runs for CPU inference with few keys (math) against forced SDPA: float32 to
+    1e-5, bf16 within bf16 rounding of the float32 answer, a fully masked row zeros in both."""
+    q, k, v = qkv(torch.float32)
+    mask = torch.tensor([[True] * 7, [False] * 7]) if masked else None
+    assert resolve_attention_backend("cpu", masked, torch.float32, False, q.numel() // 16 * 7, 7) == "math"
+    with torch.no_grad():
+        out = attention(q, k, v, mask)
+        out16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        with attention_backend("sdpa"):
+            ref = attention(q, k, v, mask)
+    close_to(out, ref, 1e-5)
+    close_to(out16, ref, 3e-2)
+
+
+def test_unet_inference_with_auto_attention_matches_sdpa():
+    """A whole U-Net forward without grad (auto: math for its few-key attention) against every
+    attention forced to SDPA."""
+    model = tiny_unet().eval()
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        out = model(x, t, context)
+        with attention_backend("sdpa"):
+            ref = model(x, t, context)
+    close_to(out, ref, 1e-5)
 
 
 def test_math_bf16_softmax_is_the_float32_softmax_rounded_once():
@@ -144,7 +191,10 @@ def test_sdpa_fp32_runs_in_float32_under_autocast(monkeypatch):
     seen.clear()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         attention(q, k, v)
-    assert seen == [torch.bfloat16]  # no grad: plain bf16 SDPA, whose forward is fast
+        assert seen == []   # no grad, 7 keys: the math path
+        long_k, long_v = (torch.randn(2, 3, 200, 16, dtype=torch.bfloat16) for _ in range(2))
+        attention(q, long_k, long_v)
+    assert seen == [torch.bfloat16]  # no grad, 200 keys: plain bf16 SDPA, whose forward is fast
 
 
 @pytest.mark.parametrize("masked", [False, True])
