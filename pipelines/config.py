@@ -207,8 +207,9 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1     # classifier-free guidance: P(caption -> empty caption)
     ema_decay: float = 0.999        # 0 disables EMA
     zero_stage: int = 2             # DeepSpeed ZeRO stage 0-3
-    # DeepSpeed bf16 (fp32 master weights); auto: bf16 where the worker's device has it natively
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # bf16 autocast in the DeepSpeed engine (fp32 weights, loss in fp32); auto: bf16 where the
+    # worker's device has it natively (quickstart diffusion 370 -> 303 s on avx512_bf16)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     num_workers: int = 2            # Ray Train workers (DeepSpeed ranks)
     log_every: int = 50
     seed: int = 0

@@ -2,7 +2,7 @@
 
 Every rank reads its own latent shards, samples z = (mean + std * eps) * scale_factor (the scale
 comes from the autoencoder's artifact via the cache), drops captions for classifier-free guidance,
-and steps a DeepSpeed engine (ZeRO 0-3, fp32 or bf16, `grad_accum` micro-batches per optimizer
+and steps a DeepSpeed engine (ZeRO 0-3, fp32 or bf16 autocast, `grad_accum` micro-batches per optimizer
 step). An fp32 EMA of the U-Net follows the optimizer steps, per rank over its ZeRO-3 partition.
 
 Checkpoints are exact resume points. Every `checkpoint_every` optimizer steps (and at the last)
@@ -221,7 +221,6 @@ def diffusion_worker(c: dict) -> None:
                       wall=meta.get("train_seconds", 0.0))
     start_step = step
     finished_before = step == max_steps or clock.exhausted
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     null = np.load(c["null_text_file"])
     null_ctx = torch.from_numpy(null["states"]).float().to(device)
@@ -247,7 +246,7 @@ def diffusion_worker(c: dict) -> None:
                 x0 = norm.normalize(b["mean"] + b["std"] * eps).to(device)   # VQ: std = 0, the pre-quant latent
                 ctx, mask = drop_conditioning(b["text"].to(device), b["mask"].to(device), null_ctx, null_mask,
                                               c["cond_drop_prob"], generator=gen)
-                loss = engine(x0.to(dtype), ctx.to(dtype), mask)
+                loss = engine(x0, ctx, mask)   # float32 in; under bf16 the engine autocasts
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"diffusion loss is {loss.item()} at step {step + 1}")
                 engine.backward(loss)   # DeepSpeed scales by 1/grad_accum and steps at the boundary
@@ -272,7 +271,7 @@ def diffusion_worker(c: dict) -> None:
                 report({"loss": step_loss, "step": step, "steps": max_steps, "resumed_from_step": start_step,
                         "optimizer_steps": engine.global_steps, "micro_batches": micro,
                         "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
-                        "budget_exhausted": float(clock.exhausted)}, d)
+                        "budget_exhausted": float(clock.exhausted), "bf16": float(precision == "bf16")}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:
                 time.sleep(2.0)   # let the controller register the checkpoint before the failure
@@ -284,7 +283,7 @@ def diffusion_worker(c: dict) -> None:
         # takes that checkpoint (Ray's restored latest, or resume_from) as the result.
         report({"loss": losses[-1] if losses else step_loss, "step": step, "steps": max_steps,
                 "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
-                "budget_exhausted": float(clock.exhausted)})
+                "budget_exhausted": float(clock.exhausted), "bf16": float(precision == "bf16")})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def test_diffusion_worker_stops_on_its_budget_and_a_resume_trains_no_further(ray
     c = diffusion_cfg(latents, max_steps=10 ** 6, max_cpu_seconds=1.0, checkpoint_every=0)
     m = diffusion_fit(tmp_path, "dm-budget", c).metrics
     assert m["budget_exhausted"] == 1.0 and m["train_cpu_seconds"] >= 1.0 and 1 <= m["step"] < 10 ** 6
+    from models.precision import native_bf16
+    assert m["bf16"] == float(native_bf16("cpu"))   # precision "auto" (the default) resolved on the worker
     last = latest_checkpoint(str(tmp_path), "dm-budget")
     meta = json.loads(open(os.path.join(last, META)).read())
     assert meta["step"] == m["step"] and meta["budget_exhausted"] is True

@@ -77,3 +77,68 @@ def test_zero_two_cpu_ranks(ray_local, tmp_path, stage):
     sd = {k.removeprefix("d.net."): v for k, v in state.items() if k.startswith("d.net.")}
     unet.load_state_dict(sd, strict=True)
     assert any(not torch.all(v == 0) for k, v in sd.items() if "out" in k)  # trained past zero-init
+
+
+def test_bf16_is_torch_autocast_with_fp32_weights():
+    """precision bf16 asks DeepSpeed for torch autocast (fp32 weights stepped directly, bf16 convs
+    and matmuls), not its bf16 mode (a bf16 module with an fp32 master copy); fp32 asks for neither."""
+    kw = dict(batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0, zero_stage=2, on_gpu=False)
+    bf16 = deepspeed_config(precision="bf16", **kw)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
+    fp32 = deepspeed_config(precision="fp32", **kw)
+    assert "torch_autocast" not in fp32 and "bf16" not in fp32
+
+
+def _autocast_engine_loop(c):
+    """One rank's bf16 steps: what the module holds and computes in."""
+    import deepspeed
+    import torch
+    from cluster.train import barrier_report_dir, report, world_info
+    from models.denoiser import EpsDenoiser
+    from models.schedules import ScheduleConfig
+    from models.unet import UNet, UNetConfig
+
+    rank, world = world_info()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    den = EpsDenoiser(UNet(UNetConfig.from_dict(c["unet"])), ScheduleConfig().alphas_cumprod())
+    out_dtypes = []
+    den.net.out_conv.register_forward_hook(lambda m, i, o: out_dtypes.append(str(o.dtype)))
+
+    class Loss(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+
+        def forward(self, x0, ctx):
+            return self.d.loss(x0, ctx, generator=torch.Generator().manual_seed(1))
+
+    engine, *_ = deepspeed.initialize(model=Loss(den), model_parameters=den.parameters(), config=c["ds"])
+    data = torch.Generator().manual_seed(rank)
+    x0 = torch.randn(8, 4, 8, 8, generator=data) * 0.1 + 0.5
+    ctx = torch.randn(8, 3, 8, generator=data)
+    losses, before = [], den.net.out_conv.weight.detach().clone()
+    for _ in range(c["steps"]):
+        loss = engine(x0, ctx)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    with barrier_report_dir() as d:   # Ray Train keeps the metrics of reports with a checkpoint
+        report({"rank": rank, "world": world, "first": losses[0], "last": losses[-1], "loss_dtype": str(loss.dtype),
+                "weight_dtypes": sorted({str(p.dtype) for p in den.parameters()}),
+                "out_dtypes": sorted(set(out_dtypes)),
+                "moved": float((den.net.out_conv.weight.detach() - before).abs().max())}, d)
+
+
+def test_zero2_bf16_autocast_keeps_fp32_weights(ray_local, tmp_path):
+    ds = deepspeed_config(batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
+                          zero_stage=2, precision="bf16", on_gpu=False)
+    import os
+    m = fit(_autocast_engine_loop, {"unet": UNET, "ds": ds, "steps": 12}, num_workers=2, use_gpu=False,
+            storage_path=str(tmp_path), name="z2autocast",
+            env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}).metrics
+    assert m["world"] == 2
+    assert m["weight_dtypes"] == ["torch.float32"]     # the module's weights stay fp32 ...
+    assert m["out_dtypes"] == ["torch.bfloat16"]       # ... its convs compute in bf16 ...
+    assert m["loss_dtype"] == "torch.float32"          # ... and the loss is fp32
+    assert m["moved"] > 0 and m["last"] < 0.8 * m["first"]

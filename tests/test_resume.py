@@ -106,6 +106,7 @@ def test_zero2_bf16_grad_accum_saves_and_consolidates(ray_local, latents, tmp_pa
     out = _outcome(res)
     m = out["metrics"]
     assert m["step"] == 3 and m["optimizer_steps"] == 3      # the step counter counts optimizer steps
+    assert m["bf16"] == 1.0                                  # bf16 autocast in the engine
     assert m["micro_batches"] == 6 == out["meta"]["micro_batches_per_rank"]   # data: 2 per step
     assert len(out["losses"]) == 3 and np.all(np.isfinite(out["losses"]))
     assert all(torch.isfinite(v).all() for v in out["unet"].values())
