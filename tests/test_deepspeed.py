@@ -84,9 +84,21 @@ def test_bf16_is_torch_autocast_with_fp32_weights():
     and matmuls), not its bf16 mode (a bf16 module with an fp32 master copy); fp32 asks for neither."""
     kw = dict(batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0, zero_stage=2, on_gpu=False)
     bf16 = deepspeed_config(precision="bf16", **kw)
-    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in bf16
+    # lower_precision_safe_modules [] : gradients reduced in fp32 (exact ZeRO-3 resume, tests/test_resume.py)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in bf16
     fp32 = deepspeed_config(precision="fp32", **kw)
     assert "torch_autocast" not in fp32 and "bf16" not in fp32
+
+
+def test_cpu_zero_skips_the_contiguous_gradient_buffer():
+    """On the CPU the per-parameter copies into a contiguous gradient buffer cost ~20% of a small
+    ZeRO-2 step (BENCHMARKS.md); on GPU DeepSpeed's default (on) is kept."""
+    kw = dict(batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0, precision="fp32")
+    for stage in (1, 2, 3):
+        assert deepspeed_config(zero_stage=stage, on_gpu=False, **kw)["zero_optimization"]["contiguous_gradients"] is False
+        assert "contiguous_gradients" not in deepspeed_config(zero_stage=stage, on_gpu=True, **kw)["zero_optimization"]
+    assert deepspeed_config(zero_stage=0, on_gpu=False, **kw)["zero_optimization"] == {"stage": 0}
 
 
 def _autocast_engine_loop(c):
