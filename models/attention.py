@@ -134,10 +134,10 @@ def resolve_attention_backend(
             return "xformers"
         if not has_sdpa:
             return "math"
+        small = scores is not None and scores <= MATH_MAX_SCORES
         if device.type == "cpu" and grad and dtype in _LOW_PRECISION:
-            return "math" if scores is not None and scores <= MATH_MAX_SCORES else "sdpa_fp32"
-        if (device.type == "cpu" and not grad and keys is not None and keys <= MATH_MAX_KEYS
-                and scores is not None and scores <= MATH_MAX_SCORES):
+            return "math" if small else "sdpa_fp32"
+        if device.type == "cpu" and not grad and small and keys is not None and keys <= MATH_MAX_KEYS:
             return "math"
         return "sdpa"
     if _backend == "xformers":

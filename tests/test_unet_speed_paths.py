@@ -136,15 +136,25 @@ def test_inference_math_path_matches_sdpa(masked):
     close_to(out16, ref, 3e-2)
 
 
-def test_unet_inference_with_auto_attention_matches_sdpa():
+def test_unet_inference_with_auto_attention_matches_sdpa(monkeypatch):
     """A whole U-Net forward without grad (auto: math for its few-key attention) against every
     attention forced to SDPA."""
+    picked = []
+    real = attention_module.resolve_attention_backend
+
+    def spy(*args, **kw):
+        picked.append(real(*args, **kw))
+        return picked[-1]
+
+    monkeypatch.setattr(attention_module, "resolve_attention_backend", spy)
     model = tiny_unet().eval()
     x, t, context = unet_inputs()
     with torch.no_grad():
         out = model(x, t, context)
+        assert picked and set(picked) == {"math"}   # every attention of this small net took math
         with attention_backend("sdpa"):
             ref = model(x, t, context)
+    assert picked[-1] == "sdpa"
     close_to(out, ref, 1e-5)
 
 
