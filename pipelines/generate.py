@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -86,7 +87,9 @@ class GenerateConfig:
     tracking_uri: str | None = None  # registry + where the generation run is logged
     experiment: str = "generate"
     progress: bool = True           # a progress bar on stderr
-    fault: str = ""                 # test hook: "tmp_shard:K" / "shard:K" kills the actor there (chunk K)
+    # test hook: "tmp_shard:K" / "shard:K" kills the actor there (chunk K); "stall:K" makes chunk K
+    # wait an hour before sampling, so a test can kill the job at a known point
+    fault: str = ""
 
     def __post_init__(self):
         for name in ("batch_size", "concurrency", "shard_size"):
@@ -499,6 +502,8 @@ class ChunkWriter:
         from webdataset.writer import TarWriter
         from pipelines.pyfunc import png_bytes
         t0 = time.time()
+        if self.fault == f"stall:{chunk}":
+            time.sleep(3600)
         s = self.sampler.settings
         n = len(rows["id"])
         seeds = [derive_seed(i, s.seed) for i in rows["id"]]
@@ -680,13 +685,10 @@ def _run_chunks(cfg, model: ResolvedModel, settings, scan: _Scan, done: set[int]
     Actor = ray.remote(num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, max_restarts=0)(ChunkWriter)
     actors = [Actor.remote(model.source, model.tracking_uri, settings.to_dict(), cfg.out, meta,
                            cfg.batch_size, cfg.fault) for _ in range(n)]
-    ray.get([a.ready.remote() for a in actors])   # model load errors surface here, once
-    t0 = time.time()   # throughput counts sampling and commits, not actor start-up
-    idle = list(actors)
     pending: dict[Any, Any] = {}
     previews: list[tuple[bytes, str]] = []
     generated = 0
-    bar = _Progress(todo, cfg.progress)
+    bar = None
 
     def collect(block: bool) -> None:
         nonlocal generated
@@ -701,7 +703,16 @@ def _run_chunks(cfg, model: ResolvedModel, settings, scan: _Scan, done: set[int]
             bar.update(res["count"])
 
     try:
-        for chunk, rows in _chunks(cfg.prompts, scan, cfg.shard_size, done):
+        # Start the prompt read while the actors load their models: its Ray Data task needs a worker
+        # process, and once the actors hold every CPU's prestarted worker a fresh one takes seconds
+        # to start (measured: the first chunk went out 2.4 s after 2 actors on 2 cores were ready).
+        chunks = _chunks(cfg.prompts, scan, cfg.shard_size, done)
+        first = next(chunks, None)
+        ray.get([a.ready.remote() for a in actors])   # model load errors surface here, once
+        t0 = time.time()   # throughput counts sampling and commits, not actor start-up
+        idle = list(actors)
+        bar = _Progress(todo, cfg.progress)
+        for chunk, rows in itertools.chain([first] if first is not None else [], chunks):
             while not idle:
                 collect(block=True)
             actor = idle.pop()
@@ -711,7 +722,8 @@ def _run_chunks(cfg, model: ResolvedModel, settings, scan: _Scan, done: set[int]
         while pending:
             collect(block=True)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for a in actors:
             ray.kill(a)
     return generated, time.time() - t0, previews[:GRID_IMAGES], n
