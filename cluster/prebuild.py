@@ -1,0 +1,54 @@
+"""Compile, ahead of the first pipeline run, the DeepSpeed op a CPU training stage JIT-compiles.
+
+    python -m cluster.prebuild [TORCH_EXTENSIONS_DIR]
+
+DeepSpeed's CPU accelerator loads its shared-memory collective op (`deepspeed_shm_comm`) whenever
+a DeepSpeed process group starts, used or not (only tensor-parallel inference uses it), and
+JIT-compiles it on the first start: 36 s of the quickstart's diffusion stage on the 2-core machine,
+with both ranks waiting. scripts/setup.sh runs this once so the first run finds it compiled.
+The directory must be the one the pipeline's workers use (`cluster.torch_extensions_dir`,
+DEFAULT_DIR unless a config says otherwise). With CUDA there is nothing to build: DeepSpeed's GPU
+ops are compiled into the package (infra/Dockerfile) or JIT-compiled by the stage that needs them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["DEFAULT_DIR", "prebuild_cpu_ops"]
+
+DEFAULT_DIR = "~/.cache/ldmflow/torch_extensions"   # = pipelines.config ClusterConfig.torch_extensions_dir
+CPU_OPS = ("ShareMemCommBuilder",)                  # what deepspeed.comm's CPU backend loads at start
+
+
+def prebuild_cpu_ops(torch_extensions_dir: str = DEFAULT_DIR) -> list[str]:
+    """Build CPU_OPS into `torch_extensions_dir` (a no-op where already built); returns the names of
+    the ops loaded, [] where DeepSpeed's accelerator is not the CPU one."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.abspath(os.path.expanduser(torch_extensions_dir))
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return []
+    built = []
+    for name in CPU_OPS:
+        builder = acc.create_op_builder(name)
+        if builder is None or not builder.is_compatible(verbose=False):
+            continue
+        builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1:
+        print("usage: python -m cluster.prebuild [TORCH_EXTENSIONS_DIR]", file=sys.stderr)
+        return 2
+    target = argv[0] if argv else DEFAULT_DIR
+    built = prebuild_cpu_ops(target)
+    print(f"DeepSpeed ops in {os.path.expanduser(target)}: {', '.join(built) or 'none needed (not the CPU accelerator)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
