@@ -390,7 +390,9 @@ def profile_shares(fn: Callable[[], Any], reps: int, top: int = 8) -> list[list[
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [[e.key, e.self_cpu_time_total / total] for e in events[:top]]
+    # A compiled graph's own time is its fused inductor kernels (norms, activations, residuals).
+    return [["inductor's fused kernels (CompiledFxGraph)" if "CompiledFxGraph" in e.key else e.key,
+             e.self_cpu_time_total / total] for e in events[:top]]
 
 
 def bench_profiles(ours, args) -> dict[str, Any]:
@@ -400,12 +402,22 @@ def bench_profiles(ours, args) -> dict[str, Any]:
     net16 = copy.deepcopy(ours).to(torch.bfloat16 if args.bf16 else torch.float32).eval()
     xs, ts_, cs, _ = train_inputs(2 * args.sample_batch, seed=4)
 
-    def fwd():
+    def fwd(net):
         with torch.no_grad():
-            net16(xs, ts_, cs)
-    return {f"training step, {_train_precision(args)}": profile_shares(lambda: v.step(x, t, ctx, target),
-                                                                         2 if args.quick else 3),
-            f"sampling forward (2B), {_sample_precision(args)}": profile_shares(fwd, 2 if args.quick else 5)}
+            net(xs, ts_, cs)
+    reps = 2 if args.quick else 5
+    out = {f"training step, {_train_precision(args)}": profile_shares(lambda: v.step(x, t, ctx, target),
+                                                                        2 if args.quick else 3),
+           f"sampling forward (2B), {_sample_precision(args)}": profile_shares(lambda: fwd(net16), reps)}
+    if args.compile:
+        # The judged sampling variant: the same forward compiled with frozen weights. Its fused
+        # inductor kernels show as one "CompiledFxGraph" entry; the extern calls (oneDNN conv,
+        # MKL linear, SDPA) by name.
+        frozen = compile_frozen(copy.deepcopy(net16))
+        fwd(frozen)   # compiles (a cache hit after the sampling section: same shapes)
+        out[f"sampling forward (2B), {_sample_precision(args)} + torch.compile (frozen weights)"] = \
+            profile_shares(lambda: fwd(frozen), reps)
+    return out
 
 
 # ------------------------------------------------------------------ report
