@@ -17,7 +17,7 @@ import sys
 
 __all__ = ["DEFAULT_DIR", "prebuild_cpu_ops"]
 
-DEFAULT_DIR = "~/.cache/ldmflow/torch_extensions"   # = pipelines.config ClusterConfig.torch_extensions_dir
+DEFAULT_DIR = "~/.cache/ldmflow/torch_extensions"   # ClusterConfig.torch_extensions_dir's default
 CPU_OPS = ("ShareMemCommBuilder",)                  # what deepspeed.comm's CPU backend loads at start
 
 

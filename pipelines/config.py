@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cluster.prebuild import DEFAULT_DIR as _TORCH_EXTENSIONS_DIR
+
 import yaml
 
 from models.autoencoder import AutoencoderConfig
@@ -365,7 +367,7 @@ class ClusterConfig:
     address: str | None = None      # None = start a local Ray for the run; "auto" or ray://... joins one
     num_cpus: int | None = None     # local Ray only; None = all cores
     use_gpu: bool = False
-    torch_extensions_dir: str = "~/.cache/ldmflow/torch_extensions"  # DeepSpeed JIT ops cache
+    torch_extensions_dir: str = _TORCH_EXTENSIONS_DIR  # DeepSpeed JIT ops cache (scripts/setup.sh prebuilds into it)
     # Where Ray Train persists checkpoints: a URL (s3://bucket/prefix) or an absolute path every node
     # sees; None = <output_dir>/ray_results. Each output dir's stages get their own prefix under it
     # (pipelines/stage.py StageContext.ray_storage).

@@ -2,10 +2,12 @@ import os
 
 import pytest
 
+from cluster.prebuild import DEFAULT_DIR
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # DeepSpeed's JIT ops (the shm comm op) compile once per machine, not per test run.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ldmflow/torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_DIR))
 
 
 @pytest.fixture(scope="session")
