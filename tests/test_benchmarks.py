@@ -364,3 +364,60 @@ def test_two_plain_processes_report_a_combined_rate(tmp_path):
     rate = gs.plain_parallel_rate(bundle, texts, batch_size=2, procs=2)
     one = gs.plain_rate(bundle, texts, 2)
     assert 0 < rate < 20 * one   # a rate of the same order as one process's, not a wall-clock artefact
+
+
+def test_split_training_golden():
+    # run 100.0 s -> 400.0 s; loss logged at steps 50 and 1000, 0.3 s per step in between
+    s = qs.split_training("autoencoder", 100_000, 400_000, [(1000, 380_000), (50, 95_000)])
+    assert s.steps == 1000 and s.step_s == pytest.approx(0.3)
+    # step 1 began at 95 - 50 x 0.3 = 80 s: before the run's start is clamped to no start-up
+    assert s.startup_s == 0.0
+    s = qs.split_training("diffusion", 0, 700_000, [(50, 30_000), (100, 40_000), (2200, 460_000)])
+    assert s.step_s == pytest.approx(0.2)
+    assert (s.startup_s, s.steps_s, s.end_s) == (pytest.approx(20.0), pytest.approx(440.0), pytest.approx(240.0))
+    assert qs.split_training("x", 0, 10, [(5, 1)]) is None            # one point: no rate
+    assert qs.split_training("x", 0, 10, [(5, 1), (5, 2)]) is None
+
+
+def test_breakdown_says_how_much_faster_the_steps_must_be():
+    splits = [qs.TrainingSplit("autoencoder", 1000, 0.2, 25.0, 200.0, 25.0),
+              qs.TrainingSplit("diffusion", 2200, 0.15, 20.0, 330.0, 4.0)]
+    table, note = qs.breakdown(splits, total_s=700.0, target_s=600.0)
+    assert "| autoencoder | 25 | 1000 x 200 ms = 200 | 25 |" in table
+    assert "| diffusion | 20 | 2200 x 150 ms = 330 | 4 |" in table
+    # steps 530 s, the rest 170 s: 530 / (600 - 170) = 1.23x
+    assert "training steps 530 s of 700 s (76%)" in note and "1.23x faster" in note
+    assert "within the 600 s target" in qs.breakdown(splits, total_s=590.0, target_s=600.0)[1]
+    assert "already exceeds" in qs.breakdown(splits, total_s=1300.0, target_s=600.0)[1]
+
+
+def test_training_splits_read_the_newest_pipeline_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("quickstart")
+
+    def pipeline(t0):
+        parent = client.create_run(exp, run_name="quickstart", start_time=t0).info.run_id
+        ids = {}
+        for name, start in (("data", t0), ("autoencoder", t0 + 20_000)):
+            run = client.create_run(exp, run_name=name, start_time=start, tags={"mlflow.parentRunId": parent})
+            ids[name] = run.info.run_id
+        client.log_metric(ids["data"], "data/images", 128, timestamp=t0 + 1000, step=0)   # no train/ metric
+        client.set_terminated(ids["data"], end_time=t0 + 19_000)
+        ae = ids["autoencoder"]
+        for step, ts in ((25, t0 + 50_000), (50, t0 + 55_000), (100, t0 + 65_000)):
+            client.log_metric(ae, "train/total_loss", 0.1, timestamp=ts, step=step)
+            client.log_metric(ae, "train/lr", 1e-3, timestamp=ts, step=step)
+        client.set_terminated(ae, end_time=t0 + 90_000)
+        client.set_terminated(parent, end_time=t0 + 91_000)
+
+    pipeline(1_000_000)
+    pipeline(2_000_000)   # the newer pipeline run is the one read (identical shape, other times)
+    splits = qs.training_splits(uri)
+    assert [s.stage for s in splits] == ["autoencoder"]
+    s = splits[0]
+    # 0.2 s per step; step 1 began at 50 - 25 x 0.2 = 45 s after t0, 25 s after the stage started
+    assert (s.steps, s.step_s, s.startup_s, s.steps_s, s.end_s) == (
+        100, pytest.approx(0.2), pytest.approx(25.0), pytest.approx(20.0), pytest.approx(25.0))
+    assert qs._splits_of(tmp_path / "absent") == []
