@@ -190,7 +190,10 @@ class EfficientNetLite0PooledFeatures(_FrozenExtractor):
         super().__init__()
         from models.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 
-        self.net = load_efficientnet_lite0(weights_path)
+        # NHWC: EfficientNet's depthwise convs run ~1.4x faster in it on the CPU (oneDNN; 16 images
+        # at 224, 1 thread: 1.16 -> 0.83 s, features equal to 8e-6); the AE stage's rFD evaluation
+        # spends most of its time here. The input is made NHWC in forward.
+        self.net = load_efficientnet_lite0(weights_path).to(memory_format=torch.channels_last)
         self.resize_to = resize_to
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -203,7 +206,7 @@ class EfficientNetLite0PooledFeatures(_FrozenExtractor):
         if self.resize_to is not None and x.shape[-2:] != (self.resize_to, self.resize_to):
             x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear",
                               align_corners=False, antialias=True)
-        h = ((x + 1) / 2 - self.mean) / self.std
+        h = (((x + 1) / 2 - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return self.net.extract_features(h).mean(dim=(2, 3))  # (B, 1280, h, w) -> (B, 1280)
 
 

@@ -113,7 +113,9 @@ class EfficientNetLite0Taps(nn.Module):
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
-        self.net = load_efficientnet_lite0(weights_path)
+        # NHWC: the depthwise convs' forward + backward run ~1.4x faster in it on the CPU (oneDNN;
+        # 16 images at 32 px, 1 thread: 64 -> 46 ms, taps equal to 3e-5). Input made NHWC in forward.
+        self.net = load_efficientnet_lite0(weights_path).to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -122,7 +124,7 @@ class EfficientNetLite0Taps(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         net = self.net
-        h = ((x + 1) / 2 - self.mean) / self.std
+        h = (((x + 1) / 2 - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         h = net._swish(net._bn0(net._conv_stem(h)))
         feats = [h]
         last = max(b for b in EFFICIENTNET_TAP_BLOCKS if b is not None)

@@ -294,3 +294,27 @@ def test_vgg_path_needs_user_files():
         PerceptualLoss("vgg16", lin_weights="vgg.pth")
     with pytest.raises(ValueError, match="^backbone:"):
         PerceptualLoss("alexnet")
+
+
+def test_efficientnet_taps_and_their_gradient_equal_the_plain_nchw_net():
+    """The perceptual taps run NHWC for speed; taps and input gradient are the NCHW net's."""
+    from models.perceptual import IMAGENET_MEAN, IMAGENET_STD, EFFICIENTNET_TAP_BLOCKS, EfficientNetLite0Taps
+    taps = EfficientNetLite0Taps()
+    plain = load_efficientnet_lite0()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (_smooth_image() * 0.9).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    got = taps(x)
+    h = plain._swish(plain._bn0(plain._conv_stem(((x_ref + 1) / 2 - mean) / std)))
+    want = [h]
+    for i, block in enumerate(plain._blocks[: max(b for b in EFFICIENTNET_TAP_BLOCKS if b is not None) + 1]):
+        h = block(h)
+        if i in EFFICIENTNET_TAP_BLOCKS:
+            want.append(h)
+    assert len(got) == len(want) == len(taps.channels)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    sum(g.square().mean() for g in got).backward()
+    sum(w.square().mean() for w in want).backward()
+    scale = x_ref.grad.abs().max().item()   # summation order differs between the layouts
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=5e-5 * scale, rtol=0)

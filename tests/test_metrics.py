@@ -160,3 +160,19 @@ def test_knn_precision_recall():
     assert knn_precision_recall(real, fake, k=1) == (0.5, 1.0)
     with pytest.raises(ValueError, match="^k:"):
         knn_precision_recall(real, fake, k=2)
+
+
+def test_efficientnet_features_equal_the_plain_nchw_net(effnet):
+    """The extractor runs NHWC for speed; the features are those of the net as loaded (NCHW)."""
+    import torch.nn.functional as F
+    from models.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
+    assert effnet.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = load_efficientnet_lite0()
+    x = torch.cat([_structured(32, seed=s) for s in range(2)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        h = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        want = plain.extract_features(((h + 1) / 2 - mean) / std).mean(dim=(2, 3))
+    got = effnet(x)
+    assert got.is_contiguous() and got.shape == (2, 1280)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
