@@ -7,8 +7,10 @@ a DeepSpeed process group starts, used or not (only tensor-parallel inference us
 JIT-compiles it on the first start: 36 s of the quickstart's diffusion stage on the 2-core machine,
 with both ranks waiting. scripts/setup.sh runs this once so the first run finds it compiled.
 The directory must be the one the pipeline's workers use (`cluster.torch_extensions_dir`,
-DEFAULT_DIR unless a config says otherwise). With CUDA there is nothing to build: DeepSpeed's GPU
-ops are compiled into the package (infra/Dockerfile) or JIT-compiled by the stage that needs them.
+DEFAULT_DIR unless a config says otherwise). infra/Dockerfile runs it in its build stage, since the
+runtime image has no compiler: a later load with the same ninja finds the op up to date and needs
+none. With CUDA there is nothing to build: DeepSpeed's GPU ops are compiled into the package
+(infra/Dockerfile) or JIT-compiled by the stage that needs them.
 """
 from __future__ import annotations
 
@@ -40,13 +42,16 @@ def prebuild_cpu_ops(torch_extensions_dir: str = DEFAULT_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) > 1:
-        print("usage: python -m cluster.prebuild [TORCH_EXTENSIONS_DIR]", file=sys.stderr)
-        return 2
-    target = argv[0] if argv else DEFAULT_DIR
-    built = prebuild_cpu_ops(target)
-    print(f"DeepSpeed ops in {os.path.expanduser(target)}: {', '.join(built) or 'none needed (not the CPU accelerator)'}")
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m cluster.prebuild", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, metavar="TORCH_EXTENSIONS_DIR",
+                   help=f"where the workers look for JIT-compiled ops (default: {DEFAULT_DIR})")
+    try:
+        args = p.parse_args(argv)   # `--help` prints and exits 0; an unknown option exits 2
+    except SystemExit as e:
+        return int(e.code or 0)
+    built = prebuild_cpu_ops(args.dir)
+    print(f"DeepSpeed ops in {os.path.expanduser(args.dir)}: {', '.join(built) or 'none needed (not the CPU accelerator)'}")
     return 0
 
 

@@ -120,6 +120,30 @@ def test_zero2_bf16_autocast_keeps_fp32_weights(ray_local, tmp_path):
     assert m["last"] < 0.8 * m["first"]                # and it learns
 
 
+def test_prebuilt_op_loads_without_a_compiler(tmp_path, monkeypatch):
+    """infra/Dockerfile builds the op in its build stage and runs where there is no compiler: a load
+    with the same ninja and no c++ on PATH must find the op up to date, not try to build it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    from cluster.prebuild import prebuild_cpu_ops
+    target = os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", target)   # prebuild points it at its target; undone after
+    prebuild_cpu_ops(target)   # a no-op where built (setup.sh), with this PATH's ninja
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").symlink_to(shutil.which("ninja"))
+    path = f"{bin_dir}:{Path(sys.executable).parent}"
+    assert shutil.which("c++", path=path) is None and shutil.which("g++", path=path) is None
+    code = "from deepspeed.comm.torch import build_shm_op; print(build_shm_op().__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": path, "TORCH_EXTENSIONS_DIR": target})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(str(Path(target).resolve()))
+
+
 def test_prebuild_compiles_the_op_deepspeeds_cpu_backend_loads(tmp_path, monkeypatch):
     """cluster.prebuild builds, into the directory the workers use, the op every DeepSpeed process
     group on the CPU loads at start."""
@@ -131,3 +155,9 @@ def test_prebuild_compiles_the_op_deepspeeds_cpu_backend_loads(tmp_path, monkeyp
     assert prebuild_cpu_ops(target) == ["deepspeed_shm_comm"]
     assert list((Path(target) / "deepspeed_shm_comm").glob("deepspeed_shm_comm*.so"))
     assert main([str(tmp_path), "extra"]) == 2
+    # An option is never taken for a directory (`--help` once built the op into ./--help).
+    cwd = os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0 and main(["--bogus"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(cwd)

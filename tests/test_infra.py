@@ -447,3 +447,16 @@ def test_dockerfile_installs_the_cuda_extra_as_non_root():
     assert env["RAY_AUTH_MODE"] == "token"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*" and "!.venv" not in ignore
+
+
+def test_dockerfile_prebuilds_deepspeeds_cpu_op_into_the_runtime_extensions_dir():
+    """The runtime stage has no compiler: the op every CPU DeepSpeed process group loads is built in
+    the build stage into the directory the runtime's TORCH_EXTENSIONS_DIR names, and copied over."""
+    text = DOCKERFILE.read_text()
+    build, runtime = text.split("\nFROM ${RUNTIME_BASE}", 1)
+    ext = _dockerfile_env()["TORCH_EXTENSIONS_DIR"]
+    assert f"RUN python -m cluster.prebuild {ext}\n" in build
+    # after the last DeepSpeed install (the op's build is keyed to the installed sources)
+    assert build.index("cluster.prebuild") > build.index("--reinstall-package deepspeed")
+    assert f"COPY --from=build --chown=ray:ray {ext} {ext}" in runtime
+    assert "build-essential" not in runtime
