@@ -45,7 +45,7 @@ LOSSES = "losses.npy"
 # - is fingerprinted; keys starting with "_" are test hooks and never fingerprinted.
 NOT_FINGERPRINTED = frozenset({"max_steps", "max_cpu_seconds", "log_every", "checkpoint_every", "max_failures",
                                "stop_after_steps", "preload_max_gb", "tracking_uri", "run_id",
-                               "use_gpu", "resume_from"})
+                               "use_gpu", "resume_from", "compile"})   # compiled or not, the same math
 CHECKPOINTS_KEPT = 2         # on disk per run; the newest is the resume point
 
 
@@ -167,6 +167,13 @@ def _load_checkpoint(d, *, engine, ema, gen, rank, c):
     return meta, int(state["micro_batches"]), losses
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process: 1 for the U-Net's forward without graph
+    breaks (its backward is compiled with it), more with breaks, 0 if nothing was compiled."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def diffusion_worker(c: dict) -> None:
     """Per-worker training loop: a plain function of its config dict (DiffusionConfig's fields plus
     use_gpu, train_urls, null_text_file, scale_factor, tracking_uri, run_id, resume_from).
@@ -209,6 +216,10 @@ def diffusion_worker(c: dict) -> None:
         # After initialize: under ZeRO-3 the parameters are partitioned now and the EMA keeps
         # a slice per rank (see models/ema.py for why not GatheredParameters every step).
         ema = EMA(denoiser.net, decay=c["ema_decay"]) if c["ema_decay"] > 0 else None
+        if c.get("compile"):
+            # In place (nn.Module.compile): the same parameters, state_dict keys, EMA and ZeRO
+            # gradient hooks; DeepSpeed and the loss around the net stay eager. Compiles at step 1.
+            denoiser.net.compile()
         # Same seed above for identical initial weights; from here each rank has its own global
         # stream (anything not driven by `gen`, e.g. dropout in the net).
         torch.manual_seed(c["seed"] * 1000 + rank + 1)
@@ -271,7 +282,8 @@ def diffusion_worker(c: dict) -> None:
                 report({"loss": step_loss, "step": step, "steps": max_steps, "resumed_from_step": start_step,
                         "optimizer_steps": engine.global_steps, "micro_batches": micro,
                         "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
-                        "budget_exhausted": float(clock.exhausted), "bf16": float(precision == "bf16")}, d)
+                        "budget_exhausted": float(clock.exhausted), "bf16": float(precision == "bf16"),
+                        **({"compiled_graphs": float(_compiled_graphs())} if c.get("compile") else {})}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:
                 time.sleep(2.0)   # let the controller register the checkpoint before the failure

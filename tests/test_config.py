@@ -40,6 +40,12 @@ def test_bad_values_name_the_field(override, message):
     assert message in str(e.value)
 
 
+def test_diffusion_compile_is_refused_under_zero3():
+    assert load_config(QUICKSTART, ["diffusion.compile=true"]).diffusion.compile
+    with pytest.raises(ConfigError, match=r"diffusion\.compile: supported with zero_stage 0, 1 or 2, got zero_stage 3"):
+        load_config(QUICKSTART, ["diffusion.compile=true", "diffusion.zero_stage=3"])
+
+
 def test_overrides_parse_yaml_values():
     cfg = load_config(QUICKSTART, ["diffusion.lr=1e-4", "autoencoder.model.ch_mult=[1, 2, 2, 2]",
                                    "tracking.uri=null", "diffusion.precision=bf16"])
