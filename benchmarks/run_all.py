@@ -60,6 +60,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                               "Diffusion training: cached latents vs encoding on the fly"),
     "precision": Benchmark("benchmarks/precision.py",
                            "Training precision: fp32 vs bf16 autocast, and auto's pick"),
+    "training_compile": Benchmark("benchmarks/training_compile.py",
+                                  "Diffusion training step: eager vs torch.compile"),
     "generation_scaling": Benchmark("benchmarks/generation_scaling.py",
                                     "Batch generation: Ray actors vs a plain loop"),
     "quickstart_stages": Benchmark("benchmarks/quickstart_stages.py",

@@ -421,3 +421,22 @@ def test_training_splits_read_the_newest_pipeline_run(tmp_path):
     assert (s.steps, s.step_s, s.startup_s, s.steps_s, s.end_s) == (
         100, pytest.approx(0.2), pytest.approx(25.0), pytest.approx(20.0), pytest.approx(25.0))
     assert qs._splits_of(tmp_path / "absent") == []
+
+
+def test_training_compile_repay_steps():
+    from benchmarks.training_compile import repay_steps
+    assert repay_steps(100.0, 0.120, 0.100) == pytest.approx(5000)   # 100 s / 20 ms saved a step
+    assert repay_steps(100.0, 0.100, 0.100) is None and repay_steps(5.0, 0.1, 0.2) is None
+
+
+@pytest.mark.slow
+def test_training_compile_quick_compares_eager_and_compiled_steps():
+    from benchmarks.training_compile import run
+    res = run(quick=True)
+    eager, compiled = res["table"]["rows"]
+    assert eager[0] == "eager" and compiled[0].startswith("torch.compile")
+    fig = res["figures"][0]
+    assert fig["value"] > 0 and run_all.verdict(fig) == "no target set"
+    a, b = res["raw"]["losses"]
+    assert abs(a - b) < 1e-5      # the same first step, eager and compiled
+    assert res["raw"]["compile_s"] > 0
