@@ -212,9 +212,9 @@ class DiffusionConfig:
     # bf16 autocast in the DeepSpeed engine (fp32 weights, loss in fp32); auto: bf16 where the
     # worker's device has it natively (quickstart diffusion 370 -> 303 s on avx512_bf16)
     precision: Literal["fp32", "bf16", "auto"] = "auto"
-    # torch.compile the U-Net in each worker (forward and backward): a training step 1.12-1.22x
-    # faster on the quickstart U-Net in fp32 on 2 CPU cores, for ~100 s of compiling per worker with
-    # a cold inductor cache (~5 s warm), so it pays off for long runs. ZeRO stages 0-2 only.
+    # torch.compile the U-Net in each worker (forward and backward): the quickstart U-Net's fp32
+    # step 1.09x faster on 2 CPU cores for ~80 s of compiling with a cold inductor cache (~5 s
+    # warm), repaid after ~8,000 steps (benchmarks/training_compile.py): for long runs. ZeRO 0-2.
     compile: bool = False
     num_workers: int = 2            # Ray Train workers (DeepSpeed ranks)
     log_every: int = 50
