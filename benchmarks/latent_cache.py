@@ -104,14 +104,22 @@ class Trainer:
         x0 = self.norm.normalize(mean + std * eps)
         ctx, m = drop_conditioning(text, mask, self.null_ctx, self.null_mask, self.cfg.cond_drop_prob,
                                    generator=self.gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.denoiser.loss(x0, ctx, m, generator=self.gen)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        return float(loss.detach())
+        return train_step(self.denoiser, self.opt, x0, ctx, m, generator=self.gen, bf16=self.bf16,
+                          grad_clip=self.cfg.grad_clip)
+
+
+def train_step(denoiser, opt, x0, ctx, mask, *, generator, bf16: bool, grad_clip: float) -> float:
+    """The diffusion worker's step on a prepared batch, minus DeepSpeed: the objective's loss (its
+    own timesteps and noise from `generator`), backward, clipping, optimizer step. Returns the loss."""
+    import torch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = denoiser.loss(x0, ctx, mask, generator=generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
 
 
 class OnTheFly:

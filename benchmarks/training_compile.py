@@ -32,25 +32,20 @@ QUICKSTART = ROOT / "pipelines" / "configs" / "quickstart.yaml"
 
 
 class Worker:
-    """One worker's training step without DeepSpeed: loss, backward, clipping, fused AdamW."""
+    """One worker's training step without DeepSpeed (latent_cache.train_step): loss, backward,
+    clipping, fused AdamW."""
 
     def __init__(self, denoiser, cfg, bf16: bool):
         import torch
         from models.optim import adam
-        self.torch, self.denoiser, self.cfg, self.bf16 = torch, denoiser, cfg, bf16
+        self.denoiser, self.cfg, self.bf16 = denoiser, cfg, bf16
         self.opt = adam(denoiser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=True)
         self.gen = torch.Generator().manual_seed(0)
 
     def step(self, x0, ctx, mask) -> float:
-        torch = self.torch
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.denoiser.loss(x0, ctx, mask, generator=self.gen)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        return float(loss.detach())
+        from benchmarks.latent_cache import train_step
+        return train_step(self.denoiser, self.opt, x0, ctx, mask, generator=self.gen, bf16=self.bf16,
+                          grad_clip=self.cfg.grad_clip)
 
 
 def repay_steps(compile_s: float, eager_s: float, compiled_s: float) -> float | None:
