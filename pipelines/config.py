@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cluster.prebuild import DEFAULT_DIR as _TORCH_EXTENSIONS_DIR
-
 import yaml
 
+from cluster.prebuild import DEFAULT_DIR as _TORCH_EXTENSIONS_DIR
 from models.autoencoder import AutoencoderConfig
 from models.clip import VisionTowerConfig
 from models.denoiser import ObjectiveConfig
