@@ -246,8 +246,21 @@ def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: str, tag: str) -> dict:
-    """fp32 state dict from every rank's ZeRO shards (DeepSpeed's zero_to_fp32)."""
+    """fp32 state dict from every rank's ZeRO shards (DeepSpeed's zero_to_fp32), or under ZeRO
+    stage 0 from the one whole copy of the module rank 0 saved."""
+    import glob
+
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    if not glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")):
+        # Stage 0 writes no ZeRO shards, and zero_to_fp32 (which reads only those) fails on it
+        # with a TypeError: the module's state dict is in the model states file, unsharded.
+        path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint_dir: no DeepSpeed checkpoint {tag!r} in {checkpoint_dir}")
+        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 
@@ -272,9 +285,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def checked_resume_meta(checkpoint_dir: str, fingerprint: str, config_part: dict, what: str) -> dict:
+def checked_resume_meta(checkpoint_dir: str, fingerprint: str, config_part: dict, what: str,
+                        max_steps: int | None = None) -> dict:
     """The checkpoint's meta.json, after checking it was written by the training config whose
-    fingerprint is given; ResumeMismatchError names every field that differs otherwise."""
+    fingerprint is given; ResumeMismatchError names every field that differs otherwise.
+
+    max_steps: the steps this run asks for, where the fingerprint leaves them out (so a finished
+    run can be continued to more steps). A checkpoint already past them cannot give the model at
+    max_steps (it was not kept), and handing it back would label a longer run as the one asked
+    for: ResumeMismatchError, naming `{what}.max_steps`."""
     from cluster.storage import isfile, read_text   # checkpoints may live at a URL (cluster.storage_uri)
     path = os.path.join(checkpoint_dir, META)
     if not isfile(path):
@@ -288,6 +307,12 @@ def checked_resume_meta(checkpoint_dir: str, fingerprint: str, config_part: dict
             f"resume: checkpoint {checkpoint_dir} (step {meta.get('step')}) was written by another training "
             f"config; differs in: {', '.join(diffs) or 'nothing visible (fingerprint version)'}. Restore "
             f"those settings, or train from scratch in a new output directory.")
+    step = int(meta.get("step", 0))
+    if max_steps is not None and step > max_steps:
+        raise ResumeMismatchError(
+            f"{what}.max_steps: {max_steps} is below step {step} of this training config's checkpoint "
+            f"{checkpoint_dir}, and the model at step {max_steps} was not kept. Set max_steps to at least "
+            f"{step} to continue from it, or train from scratch in a new output directory.")
     return meta
 
 

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return _generate_command(args)
     if args.cmd in ("lineage", "promote"):
         return _lineage_command(args)
+    from cluster.train import ResumeMismatchError
     from pipelines.config import ConfigError, load_config, to_dict
     from pipelines.run import OutputDirError, run_pipeline
     from pipelines.sample import PromptsError
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "data" and args.config and "=" in args.config and not os.path.exists(args.config):
         args.overrides.insert(0, args.config)
         args.config = None
-    bad_input = (ConfigError, OutputDirError, PromptsError, ShardError, FileNotFoundError)
+    # ResumeMismatchError: the config disagrees with the checkpoint its run directory holds.
+    bad_input = (ConfigError, OutputDirError, PromptsError, ShardError, FileNotFoundError, ResumeMismatchError)
     try:
         cfg = load_config(_config_path(args.config), args.overrides)
         if args.cmd == "validate":

@@ -103,8 +103,12 @@ def image_batches(urls, rank, world, batch_size, resolution, seed, repeat=True, 
 
 
 def training_fingerprint(c: dict) -> tuple[str, dict]:
-    """(hash, the fingerprinted part of loop config `c`): what must match for an exact resume."""
-    part = {k: v for k, v in c.items() if k not in NOT_FINGERPRINTED and not k.startswith("_")}
+    """(hash, the fingerprinted part of loop config `c`): what must match for an exact resume.
+    max_steps is left out (a finished run continues to more steps) unless the LR schedule decays
+    over them: continuing a cosine run would jump its rate back up mid-run, which is not what a
+    fresh run of that length trains."""
+    skip = NOT_FINGERPRINTED if c.get("lr_schedule", "constant") == "constant" else NOT_FINGERPRINTED - {"max_steps"}
+    part = {k: v for k, v in c.items() if k not in skip and not k.startswith("_")}
     return config_hash(part), part
 
 
@@ -112,7 +116,7 @@ def check_resume(checkpoint_dir: str, c: dict) -> dict:
     """The checkpoint's meta.json, after checking it was written by this training config (loop
     config `c`); ResumeMismatchError names every field that differs otherwise."""
     fp, part = training_fingerprint(c)
-    return checked_resume_meta(checkpoint_dir, fp, part, "autoencoder")
+    return checked_resume_meta(checkpoint_dir, fp, part, "autoencoder", max_steps=c["max_steps"])
 
 
 # ----------------------------------------------------------------------------------------------

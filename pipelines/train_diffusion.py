@@ -78,7 +78,7 @@ def check_resume(checkpoint_dir: str, c: dict) -> dict:
     """The checkpoint's meta.json, after checking it was written by this training config (loop
     config `c`); ResumeMismatchError names every field that differs otherwise."""
     fp, part = training_fingerprint(c)
-    return checked_resume_meta(checkpoint_dir, fp, part, "diffusion")
+    return checked_resume_meta(checkpoint_dir, fp, part, "diffusion", max_steps=c["max_steps"])
 
 
 # ----------------------------------------------------------------------------------------------

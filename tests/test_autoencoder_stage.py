@@ -168,6 +168,19 @@ def test_resume_check_names_changed_fields(tmp_path, shards):
     assert check_resume(str(tmp_path), {**c, "max_steps": 99, "eval_every": 5})["step"] == 2
     with pytest.raises(ResumeMismatchError, match=r"loss.disc_start \(2 -> 3\)"):
         check_resume(str(tmp_path), {**c, "loss": {**c["loss"], "disc_start": 3}})
+    with pytest.raises(ResumeMismatchError, match=r"autoencoder\.max_steps: 1 is below step 2"):
+        check_resume(str(tmp_path), {**c, "max_steps": 1})
+
+
+def test_cosine_schedule_fingerprints_max_steps(shards):
+    """A constant rate continues exactly to more steps; a cosine decays over max_steps, so another
+    max_steps is another training (a continued run would jump its rate back up)."""
+    c = {**_loop_cfg(shards), "lr_schedule": "constant"}
+    assert training_fingerprint(c)[0] == training_fingerprint({**c, "max_steps": c["max_steps"] * 2})[0]
+    cos = {**c, "lr_schedule": "cosine"}
+    fp, part = training_fingerprint(cos)
+    assert part["max_steps"] == c["max_steps"]
+    assert fp != training_fingerprint({**cos, "max_steps": c["max_steps"] * 2})[0]
 
 
 @pytest.mark.parametrize("family", ["kl", "vq"])

@@ -109,6 +109,18 @@ def test_foreign_output_dir_is_left_alone(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
 
 
+def test_config_against_its_checkpoint_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """A stage's resume check (cluster.train.checked_resume_meta) raises ResumeMismatchError on
+    the driver before any worker starts: the CLI prints it and exits 2, no traceback."""
+    import pipelines.run
+    from cluster.train import ResumeMismatchError
+
+    def refuse(*a, **k):
+        raise ResumeMismatchError("diffusion.max_steps: 4 is below step 5 of this training config's checkpoint")
+    monkeypatch.setattr(pipelines.run, "run_pipeline", refuse)
+    code, err = _run(capsys, f"output_dir={tmp_path / 'run'}")
+    assert code == 2 and err.startswith("ldmflow: error: diffusion.max_steps: 4 is below step 5")
+
 
 def test_context_dim_and_sampler_steps_checked_before_any_work():
     from pipelines.config import ConfigError, load_config

@@ -59,7 +59,7 @@ def _zero_loop(c):
 
 
 @pytest.mark.parametrize("stage", [
-    pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+    0, pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_zero_two_cpu_ranks(ray_local, tmp_path, stage):
     ds = deepspeed_config(batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=1, grad_clip=1.0,
                           zero_stage=stage, precision="fp32", on_gpu=False)
@@ -75,8 +75,11 @@ def test_zero_two_cpu_ranks(ray_local, tmp_path, stage):
         assert 0 < m["partition"] <= m["total"] // 2 + 64
     with result.checkpoint.as_directory() as d:
         files = sorted(os.listdir(os.path.join(d, "t")))
-        assert sum("optim_states" in f for f in files) == 2, files   # one partition per rank
+        # One optimizer partition per rank; stage 0 keeps the whole optimizer with the module, and
+        # consolidating it used to fail inside zero_to_fp32 (which reads only ZeRO shards).
+        assert sum("optim_states" in f for f in files) == (2 if stage else 0), files
         state = consolidate_zero_checkpoint(d, "t")
+        assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     from models.unet import UNet, UNetConfig
     unet = UNet(UNetConfig.from_dict(UNET))
     sd = {k.removeprefix("d.net."): v for k, v in state.items() if k.startswith("d.net.")}

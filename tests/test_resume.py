@@ -97,6 +97,17 @@ def test_fingerprint_mismatch_names_the_fields(latents, tmp_path):
         check_resume(str(tmp_path / "missing"), c)
 
 
+def test_resume_refuses_a_checkpoint_past_max_steps(latents, tmp_path):
+    """Lowering max_steps below a finished run's step must not hand back the longer run as the
+    shorter one (the stage used to, labelled with the longer run's step)."""
+    c = _loop_cfg(latents)
+    fp, part = training_fingerprint(c)
+    (tmp_path / META).write_text(json.dumps({"step": 5, "fingerprint": fp, "config": part}))
+    assert check_resume(str(tmp_path), {**c, "max_steps": 5})["step"] == 5     # finished: reused as is
+    with pytest.raises(ResumeMismatchError, match=r"diffusion\.max_steps: 4 is below step 5 .*at least 5"):
+        check_resume(str(tmp_path), {**c, "max_steps": 4})
+
+
 # ---------------------------------------------------------------- Ray Train, 2 CPU ranks
 
 def test_zero2_bf16_grad_accum_saves_and_consolidates(ray_local, latents, tmp_path):
