@@ -440,3 +440,23 @@ def test_training_compile_quick_compares_eager_and_compiled_steps():
     a, b = res["raw"]["losses"]
     assert abs(a - b) < 1e-5      # the same first step, eager and compiled
     assert res["raw"]["compile_s"] > 0
+
+
+def test_stable_diffusion_flops_golden():
+    """SD 1.5's parts counted on the meta device (latent_cache's note): golden GFLOP, and the bound
+    they give the cache, (step + encoders) / step, well under the 3x target."""
+    from benchmarks.latent_cache import stable_diffusion_flops
+    sd = stable_diffusion_flops()
+    assert sd == {"encoder": pytest.approx(1116.66, rel=1e-4), "text": pytest.approx(13.30, rel=1e-3),
+                  "step": pytest.approx(2406.77, rel=1e-4)}
+    assert (sd["step"] + sd["encoder"] + sd["text"]) / sd["step"] == pytest.approx(1.469, abs=1e-3)
+
+
+def test_latent_cache_quick_reports_both_bounds():
+    from benchmarks.latent_cache import run
+    res = run(quick=True)
+    names = [f["name"] for f in res["figures"]]
+    assert names == ["training images/s, cached / on the fly", "bound from the parts, (step + encoding) / step",
+                     "the same bound at Stable Diffusion 1.5's FLOPs"]
+    assert all(f["value"] > 0 for f in res["figures"])
+    assert "Stable Diffusion 1.5's proportions" in res["note"] and "1.47x" in res["note"]
