@@ -408,3 +408,31 @@ def test_worker_starts_from_diffusers_weights(ray_local, tmp_path, shards):
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=0, msg=k)
     assert not torch.equal(got["encoder.conv_in.weight"], random_init["encoder.conv_in.weight"])
+
+
+def test_evaluation_computes_the_real_features_once(shards, monkeypatch):
+    """A second evaluation of the same validation images reuses their feature sums (only the
+    reconstructions are new) and gives the same metrics as computing everything again."""
+    import pipelines.train_autoencoder as tae
+    from models.autoencoders import build_autoencoder
+    c = _loop_cfg(shards, eval_rfd=True)
+    torch.manual_seed(0)
+    net = build_autoencoder("kl", TINY_AE)
+    feats = tae._rfd_features("cpu")
+    calls = []
+
+    class Counting:   # the features, counting the images they see
+        dim = feats.dim
+
+        def __call__(self, x):
+            calls.append(len(x))
+            return feats(x)
+    monkeypatch.setattr(tae, "_rfd_features", lambda device: Counting())
+    monkeypatch.setattr(tae, "_REAL_STATS", {})
+    first = tae._evaluate(net, c, "cpu", 0, 1)
+    n_first = sum(calls)
+    second = tae._evaluate(net, c, "cpu", 0, 1)
+    assert n_first == 16 and sum(calls) - n_first == 8      # 8 real + 8 fake, then 8 fake only
+    assert second == first and RFD_METRIC in first
+    monkeypatch.setattr(tae, "_REAL_STATS", {})
+    assert tae._evaluate(net, c, "cpu", 0, 1) == first       # computed afresh: the same numbers
