@@ -2,6 +2,7 @@
 DeepSpeed, with checkpoints persisted by Ray and handed back as a local directory."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -248,8 +249,6 @@ def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_
 def consolidate_zero_checkpoint(checkpoint_dir: str, tag: str) -> dict:
     """fp32 state dict from every rank's ZeRO shards (DeepSpeed's zero_to_fp32), or under ZeRO
     stage 0 from the one whole copy of the module rank 0 saved."""
-    import glob
-
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     tag_dir = os.path.join(checkpoint_dir, tag)

@@ -227,7 +227,7 @@ def _measure_latent_norm(net, c, batches, device, world):
 _FEATURES = {}
 # The validation images' feature sums, per worker process and evaluation setting: the same images at
 # every evaluation, so only the first computes them (about half of each later evaluation's time).
-_REAL_STATS: dict[tuple, object] = {}
+_REAL_STATS: dict[tuple, object] = {}   # -> FeatureStats.as_tensor() of this rank's share (a tensor)
 
 
 def _rfd_features(device):
