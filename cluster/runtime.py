@@ -25,7 +25,8 @@ def worker_env(torch_extensions_dir: str | None = None) -> dict[str, str]:
     """Environment variables for Ray workers: DeepSpeed's JIT ops cached across runs, MLflow quiet."""
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if torch_extensions_dir:
-        env["TORCH_EXTENSIONS_DIR"] = os.path.abspath(os.path.expanduser(torch_extensions_dir))
+        from cluster.prebuild import resolve_dir   # the default gets a directory per Python environment
+        env["TORCH_EXTENSIONS_DIR"] = resolve_dir(torch_extensions_dir)
     return env
 
 

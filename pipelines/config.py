@@ -373,7 +373,9 @@ class ClusterConfig:
     address: str | None = None      # None = start a local Ray for the run; "auto" or ray://... joins one
     num_cpus: int | None = None     # local Ray only; None = all cores
     use_gpu: bool = False
-    torch_extensions_dir: str = _TORCH_EXTENSIONS_DIR  # DeepSpeed JIT ops cache (scripts/setup.sh prebuilds into it)
+    # DeepSpeed JIT ops cache (scripts/setup.sh prebuilds into it); the default holds one subdirectory
+    # per Python environment (cluster.prebuild.resolve_dir), an explicit path is used as given.
+    torch_extensions_dir: str = _TORCH_EXTENSIONS_DIR
     # Where Ray Train persists checkpoints: a URL (s3://bucket/prefix) or an absolute path every node
     # sees; None = <output_dir>/ray_results. Each output dir's stages get their own prefix under it
     # (pipelines/stage.py StageContext.ray_storage).

@@ -2,12 +2,12 @@ import os
 
 import pytest
 
-from cluster.prebuild import DEFAULT_DIR
+from cluster.prebuild import resolve_dir
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-# DeepSpeed's JIT ops (the shm comm op) compile once per machine, not per test run.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_DIR))
+# DeepSpeed's JIT ops (the shm comm op) compile once per environment (scripts/setup.sh), not per test run.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", resolve_dir())
 
 
 @pytest.fixture(scope="session")

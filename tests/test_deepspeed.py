@@ -164,3 +164,27 @@ def test_prebuild_compiles_the_op_deepspeeds_cpu_backend_loads(tmp_path, monkeyp
     assert main(["--help"]) == 0 and main(["--bogus"]) == 2
     assert list(tmp_path.iterdir()) == []
     monkeypatch.chdir(cwd)
+
+
+def test_default_op_cache_is_one_per_python_environment(tmp_path, monkeypatch):
+    """torch writes the environment's include paths into an op's build.ninja, so two checkouts' venvs
+    sharing the default cache rebuilt the shm op for each other (73 s of one benchmarked quickstart
+    start-up): the default resolves to a subdirectory per sys.prefix, the same for prebuild and the
+    workers; an explicit directory (the container image's) is used as given."""
+    import os
+    import sys
+    from cluster.prebuild import DEFAULT_DIR, resolve_dir
+    from cluster.runtime import worker_env
+    from pipelines.config import ClusterConfig
+    mine = resolve_dir()
+    base = os.path.expanduser(DEFAULT_DIR)
+    assert os.path.dirname(mine) == base and os.path.isabs(mine)
+    assert resolve_dir(ClusterConfig().torch_extensions_dir) == mine
+    assert resolve_dir(base + "/") == mine                        # the same directory spelt otherwise
+    assert worker_env(ClusterConfig().torch_extensions_dir)["TORCH_EXTENSIONS_DIR"] == mine
+    assert resolve_dir(mine) == mine                              # resolving twice changes nothing
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    other = resolve_dir()
+    assert other != mine and os.path.dirname(other) == base
+    assert resolve_dir("/opt/ldmflow/torch_extensions") == "/opt/ldmflow/torch_extensions"
+    assert worker_env(str(tmp_path / "x"))["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "x")
