@@ -200,10 +200,11 @@ class CpuBudget:
 
 def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_steps: int,
                      grad_clip: float, zero_stage: int, precision: str, on_gpu: bool,
-                     grad_accum: int = 1) -> dict[str, Any]:
+                     grad_accum: int = 1, lr_scheduler: bool = True) -> dict[str, Any]:
     """A DeepSpeed config for ZeRO `zero_stage`. On CPU torch's AdamW, with torch's own fused CPU
     kernel (models/optim.py: no DeepSpeed op to JIT-compile, one pass per tensor instead of the
-    for-loop's six); on GPU DeepSpeed's FusedAdam."""
+    for-loop's six); on GPU DeepSpeed's FusedAdam. lr_scheduler=False leaves out DeepSpeed's
+    warm-up scheduler: the caller sets the optimizer's rate itself every step."""
     import torch
     from models.optim import fused_supported
     adamw: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
@@ -216,13 +217,13 @@ def deepspeed_config(*, batch_size: int, lr: float, weight_decay: float, warmup_
         "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
         "optimizer": {"type": "AdamW", "params": adamw},
-        "scheduler": {"type": "WarmupLR",
-                      "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                 "warmup_num_steps": max(1, warmup_steps),
-                                 "warmup_type": "linear"}},
         "steps_per_print": 10 ** 9,   # we log to MLflow ourselves
         "wall_clock_breakdown": False,
     }
+    if lr_scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR",
+                            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                       "warmup_num_steps": max(1, warmup_steps), "warmup_type": "linear"}}
     if not on_gpu and zero_stage > 0:
         # contiguous_gradients copies every gradient into one preallocated buffer as backward
         # produces it (against fragmentation of GPU memory); on the CPU those per-parameter copies

@@ -204,6 +204,9 @@ class DiffusionConfig:
     # on every rank at once), for equal-budget comparisons. 0 = steps only.
     max_cpu_seconds: float = 0.0
     warmup_steps: int = 100         # linear LR warm-up
+    # constant after the warm-up (LDM, SD); cosine decays to 0 by max_steps (or by the steps a
+    # max_cpu_seconds budget will reach, as the autoencoder's does)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0          # 0 disables clipping
     cond_drop_prob: float = 0.1     # classifier-free guidance: P(caption -> empty caption)
     ema_decay: float = 0.999        # 0 disables EMA

@@ -69,8 +69,11 @@ def latent_batches(urls, rank, world, batch_size, seed, preload_max_bytes=2 ** 3
 
 
 def training_fingerprint(c: dict) -> tuple[str, dict]:
-    """(hash, the fingerprinted part of loop config `c`): what must match for a bit-exact resume."""
-    part = {k: v for k, v in c.items() if k not in NOT_FINGERPRINTED and not k.startswith("_")}
+    """(hash, the fingerprinted part of loop config `c`): what must match for a bit-exact resume.
+    max_steps is left out (a finished run continues to more steps) unless the LR schedule decays
+    over them, as for the autoencoder (pipelines/train_autoencoder.py)."""
+    skip = NOT_FINGERPRINTED if c.get("lr_schedule", "constant") == "constant" else NOT_FINGERPRINTED - {"max_steps"}
+    part = {k: v for k, v in c.items() if k not in skip and not k.startswith("_")}
     return config_hash(part), part
 
 
@@ -208,7 +211,7 @@ def diffusion_worker(c: dict) -> None:
         ds_cfg = deepspeed_config(batch_size=c["batch_size"], lr=c["lr"], weight_decay=c["weight_decay"],
                                   warmup_steps=c["warmup_steps"], grad_clip=c["grad_clip"],
                                   zero_stage=c["zero_stage"], precision=precision, on_gpu=on_gpu,
-                                  grad_accum=grad_accum)
+                                  grad_accum=grad_accum, lr_scheduler=c["lr_schedule"] == "constant")
         module = _loss_module(denoiser, gen)
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
                                                                                 if p.requires_grad],
@@ -247,8 +250,19 @@ def diffusion_worker(c: dict) -> None:
     stop_at = c.get("stop_after_steps") or 0
     every = c.get("checkpoint_every") or 0
     step_loss = float("nan")
+    # "constant" is DeepSpeed's WarmupLR (its state in the checkpoint). Otherwise the rate is a pure
+    # function of (step, CPU used), both checkpointed, set before each optimizer step: a resumed run
+    # recomputes it, and under a CPU budget it decays over the steps the budget will reach.
+    lr_at = None
+    if c["lr_schedule"] != "constant":
+        from models.lr import LR_SCHEDULES
+        lr_at = LR_SCHEDULES[c["lr_schedule"]]
     while step < max_steps and not clock.exhausted:
         step_loss = 0.0
+        if lr_at is not None:
+            rate = lr_at(step + 1, c["lr"], c["warmup_steps"], clock.planned_steps(step, max_steps))
+            for g in engine.optimizer.param_groups:
+                g["lr"] = rate
         with clock.step():
             for _ in range(grad_accum):
                 b = next(batches)
@@ -283,6 +297,7 @@ def diffusion_worker(c: dict) -> None:
                         "optimizer_steps": engine.global_steps, "micro_batches": micro,
                         "train_cpu_seconds": clock.used, "train_seconds": clock.wall,
                         "budget_exhausted": float(clock.exhausted), "bf16": float(precision == "bf16"),
+                        "lr": float(engine.get_lr()[0]),   # the rate the last step took
                         **({"compiled_graphs": float(_compiled_graphs())} if c.get("compile") else {})}, d)
             fail_at = c.get("_fail_at_step", 0)
             if fail_at and step == fail_at and start_step < fail_at and rank == world - 1:

@@ -131,34 +131,66 @@ def test_zero2_bf16_grad_accum_saves_and_consolidates(ray_local, latents, tmp_pa
         open(os.path.join(latest_checkpoint(str(tmp_path), "z2bf16"), META)).read())["step"] == 3
 
 
+def test_cosine_lr_reaches_the_optimizer_and_is_fingerprinted(ray_local, latents, tmp_path):
+    """lr_schedule cosine (no DeepSpeed scheduler; the loop sets the rate): warm-up 1, 3 steps at
+    rates lr, lr/2, 0. The last step's rate 0 leaves the U-Net exactly as step 2 left it while the
+    EMA still moves; a cosine run's max_steps is fingerprinted (its decay depends on it), a
+    constant run's is not."""
+    from models.lr import warmup_cosine
+    assert [warmup_cosine(s, 3e-3, 1, 3) for s in (1, 2, 3)] == pytest.approx([3e-3, 1.5e-3, 0.0], abs=1e-12)
+    c = _loop_cfg(latents, lr_schedule="cosine", warmup_steps=1, max_steps=3, checkpoint_every=1)
+    res = _fit(tmp_path, "cosine", c)
+    assert res.metrics["step"] == 3 and res.metrics["lr"] == 0.0
+    by_step = {}
+    for ckpt, metrics in res.best_checkpoints:
+        with ckpt.as_directory() as d:
+            state = consolidate_zero_checkpoint(d, CKPT_TAG)
+            by_step[metrics["step"]] = ({k: v for k, v in state.items() if k.startswith("denoiser.net.")}, metrics)
+    assert sorted(by_step) == [1, 2, 3]
+    assert [by_step[s][1]["lr"] for s in (1, 2, 3)] == pytest.approx([3e-3, 1.5e-3, 0.0], abs=1e-12)
+    assert _max_diff(by_step[2][0], by_step[3][0]) == 0        # rate 0: the weights did not move
+    assert _max_diff(by_step[2][0], {k: torch.zeros_like(v) for k, v in by_step[2][0].items()}) > 0
+    const = _fit(tmp_path, "constant", _loop_cfg(latents, max_steps=3, warmup_steps=1))
+    assert const.metrics["lr"] == pytest.approx(3e-3)          # DeepSpeed's WarmupLR: constant after warm-up
+    assert training_fingerprint({**c, "max_steps": 4})[0] != training_fingerprint(c)[0]
+    const_c = _loop_cfg(latents, max_steps=3)
+    assert training_fingerprint({**const_c, "max_steps": 4})[0] == training_fingerprint(const_c)[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, latents, tmp_path_factory):
     runs = {}
 
-    def get(stage, precision="fp32"):
-        if (stage, precision) not in runs:
-            c = _loop_cfg(latents, zero_stage=stage, precision=precision)
-            runs[stage, precision] = _outcome(_fit(tmp_path_factory.mktemp(f"full{stage}{precision}"),
-                                                   f"full{stage}{precision}", c))
-        return runs[stage, precision]
+    def get(stage, precision="fp32", lr_schedule="constant"):
+        key = (stage, precision, lr_schedule)
+        if key not in runs:
+            c = _loop_cfg(latents, zero_stage=stage, precision=precision, lr_schedule=lr_schedule)
+            name = f"full{stage}{precision}{lr_schedule}"
+            runs[key] = _outcome(_fit(tmp_path_factory.mktemp(name), name, c))
+        return runs[key]
     return get
 
 
 @pytest.mark.slow
 # bf16 autocast too under ZeRO-3: exact only because gradients are reduced in fp32 (with bf16
 # reduction, DeepSpeed's default for Linear/Conv, a resumed run drifted by ~1e-5 from step 5).
-@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
-def test_interrupted_and_resumed_run_is_exact(ray_local, latents, tmp_path, uninterrupted, stage, precision):
-    full = uninterrupted(stage, precision)
+# The cosine schedule's rate is recomputed from the step instead of restored with DeepSpeed's state.
+@pytest.mark.parametrize("stage, precision, lr_schedule",
+                         [(2, "fp32", "constant"), (3, "fp32", "constant"), (3, "bf16", "constant"),
+                          (2, "fp32", "cosine")])
+def test_interrupted_and_resumed_run_is_exact(ray_local, latents, tmp_path, uninterrupted, stage, precision,
+                                              lr_schedule):
+    full = uninterrupted(stage, precision, lr_schedule)
     assert full["metrics"]["step"] == 6 and len(full["losses"]) == 6
+    kw = dict(zero_stage=stage, precision=precision, lr_schedule=lr_schedule)
     # 1. The stop hook ends the run after its step-2 checkpoint; a new run resumes from that path.
-    first = _fit(tmp_path, "part1", _loop_cfg(latents, zero_stage=stage, precision=precision, stop_after_steps=2))
+    first = _fit(tmp_path, "part1", _loop_cfg(latents, stop_after_steps=2, **kw))
     assert first.metrics["step"] == 2
     ckpt = latest_checkpoint(str(tmp_path), "part1")
-    resumed = _outcome(_fit(tmp_path, "part2", _loop_cfg(latents, zero_stage=stage, precision=precision, resume_from=ckpt)))
+    resumed = _outcome(_fit(tmp_path, "part2", _loop_cfg(latents, resume_from=ckpt, **kw)))
     # 2. A worker fails after the step-3 checkpoint; Ray Train restarts the group from it.
-    restarted = _outcome(_fit(tmp_path, "failed", _loop_cfg(latents, zero_stage=stage, precision=precision, checkpoint_every=3,
-                                                            _fail_at_step=3), max_failures=1))
+    restarted = _outcome(_fit(tmp_path, "failed", _loop_cfg(latents, checkpoint_every=3, _fail_at_step=3, **kw),
+                              max_failures=1))
     for run in (resumed, restarted):
         assert run["metrics"]["step"] == 6
         assert np.array_equal(run["losses"], full["losses"])
@@ -166,7 +198,7 @@ def test_interrupted_and_resumed_run_is_exact(ray_local, latents, tmp_path, unin
         assert _max_diff(run["ema"], full["ema"]) == 0
     # 3. Resuming with another training config fails before any step, naming the field.
     with pytest.raises(Exception, match=r"differs in: batch_size \(4 -> 2\)"):
-        _fit(tmp_path, "wrong", _loop_cfg(latents, zero_stage=stage, precision=precision, batch_size=2, resume_from=ckpt))
+        _fit(tmp_path, "wrong", _loop_cfg(latents, batch_size=2, resume_from=ckpt, **kw))
 
 
 @pytest.mark.slow
