@@ -101,9 +101,13 @@ def test_autoencoder_worker_stops_on_its_budget(ray_local, tmp_path, shards):  #
 
 def test_diffusion_worker_stops_on_its_budget_and_a_resume_trains_no_further(ray_local, latents, tmp_path):  # noqa: F811
     from pipelines.train_diffusion import META, latest_checkpoint
-    c = diffusion_cfg(latents, max_steps=10 ** 6, max_cpu_seconds=1.0, checkpoint_every=0, precision="auto")
+    c = diffusion_cfg(latents, max_steps=10 ** 6, max_cpu_seconds=2.0, checkpoint_every=0, precision="auto",
+                      lr_schedule="cosine", warmup_steps=1)
     m = diffusion_fit(tmp_path, "dm-budget", c).metrics
-    assert m["budget_exhausted"] == 1.0 and m["train_cpu_seconds"] >= 1.0 and 1 <= m["step"] < 10 ** 6
+    assert m["budget_exhausted"] == 1.0 and m["train_cpu_seconds"] >= 2.0 and 1 <= m["step"] < 10 ** 6
+    # The cosine decays over the steps the budget reaches, not over max_steps (where the last
+    # rate would still be ~lr): by the last step it is near its end.
+    assert m["step"] >= 4 and m["lr"] < 0.5 * c["lr"]
     from models.precision import native_bf16
     assert m["bf16"] == float(native_bf16("cpu"))   # precision "auto" (DiffusionConfig's default) resolved on the worker
     last = latest_checkpoint(str(tmp_path), "dm-budget")
