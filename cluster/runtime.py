@@ -5,6 +5,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from cluster.prebuild import resolve_dir   # the default op cache is one directory per Python environment
+
 __all__ = ["ray_session", "worker_env", "run_tasks", "quiet_local_ray_train"]
 
 # Ray Train 2.60 starts a PlacementGroupCleaner beside every trainer. It asks the State API (served
@@ -25,7 +27,6 @@ def worker_env(torch_extensions_dir: str | None = None) -> dict[str, str]:
     """Environment variables for Ray workers: DeepSpeed's JIT ops cached across runs, MLflow quiet."""
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if torch_extensions_dir:
-        from cluster.prebuild import resolve_dir   # the default gets a directory per Python environment
         env["TORCH_EXTENSIONS_DIR"] = resolve_dir(torch_extensions_dir)
     return env
 

@@ -32,7 +32,7 @@ from models.unet import UNetConfig
 __all__ = [
     "ConfigError", "PipelineConfig", "DataConfig", "AutoencoderStageConfig", "CacheConfig", "ClipStageConfig",
     "DiffusionConfig", "SampleConfig", "TrackingConfig", "ClusterConfig",
-    "load_config", "from_dict", "to_dict", "apply_overrides", "config_hash",
+    "load_config", "from_dict", "to_dict", "apply_overrides", "config_hash", "loop_fingerprint",
 ]
 
 
@@ -600,6 +600,18 @@ def config_hash(obj) -> str:
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def loop_fingerprint(c: dict, not_fingerprinted: frozenset[str] | set[str]) -> tuple[str, dict]:
+    """(hash, fingerprinted part) of a training worker's loop config `c`: what must match for an exact
+    resume. Every key counts but `not_fingerprinted` (what a run may change when it continues) and
+    test hooks ("_..."). max_steps, where listed there, counts again when `lr_schedule` decays over
+    it: continuing a cosine run would jump its rate back up, which no fresh run of that length trains."""
+    skip = set(not_fingerprinted)
+    if c.get("lr_schedule", "constant") != "constant":
+        skip.discard("max_steps")
+    part = {k: v for k, v in c.items() if k not in skip and not k.startswith("_")}
+    return config_hash(part), part
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -48,7 +48,7 @@ import numpy as np
 
 from cluster.train import (META, CpuBudget, ResumeMismatchError, barrier_report_dir, checked_resume_meta, latest_checkpoint,
                            report, resume_checkpoint, run_checkpoints, world_info)
-from pipelines.config import AutoencoderStageConfig, ConfigError, config_hash, to_dict
+from pipelines.config import AutoencoderStageConfig, ConfigError, loop_fingerprint, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import AutoencoderArtifact, DatasetArtifact, StageContext
 from pipelines.tracking import TAG, MetricLogger
@@ -103,13 +103,9 @@ def image_batches(urls, rank, world, batch_size, resolution, seed, repeat=True, 
 
 
 def training_fingerprint(c: dict) -> tuple[str, dict]:
-    """(hash, the fingerprinted part of loop config `c`): what must match for an exact resume.
-    max_steps is left out (a finished run continues to more steps) unless the LR schedule decays
-    over them: continuing a cosine run would jump its rate back up mid-run, which is not what a
-    fresh run of that length trains."""
-    skip = NOT_FINGERPRINTED if c.get("lr_schedule", "constant") == "constant" else NOT_FINGERPRINTED - {"max_steps"}
-    part = {k: v for k, v in c.items() if k not in skip and not k.startswith("_")}
-    return config_hash(part), part
+    """(hash, the fingerprinted part of loop config `c`): what must match for an exact resume
+    (max_steps too under a cosine schedule: pipelines.config.loop_fingerprint)."""
+    return loop_fingerprint(c, NOT_FINGERPRINTED)
 
 
 def check_resume(checkpoint_dir: str, c: dict) -> dict:

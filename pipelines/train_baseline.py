@@ -22,7 +22,7 @@ import time
 
 from cluster.train import (META, CpuBudget, average_buffers, average_gradients, barrier_report_dir, checked_resume_meta,
                            latest_checkpoint, report, resume_checkpoint, world_info)
-from pipelines.config import BaselineStageConfig, config_hash, to_dict
+from pipelines.config import BaselineStageConfig, loop_fingerprint, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import BaselineArtifact, DatasetArtifact, StageContext
 from pipelines.tracking import TAG, MetricLogger
@@ -37,8 +37,7 @@ NOT_FINGERPRINTED = {"tracking_uri", "run_id", "resume_from", "use_gpu", "log_ev
 
 
 def training_fingerprint(c: dict) -> tuple[str, dict]:
-    part = {k: v for k, v in c.items() if k not in NOT_FINGERPRINTED and not k.startswith("_")}
-    return config_hash(part), part
+    return loop_fingerprint(c, NOT_FINGERPRINTED)
 
 
 def _save(d: str, model, opts, step: int, elapsed: tuple[float, float], c: dict, rank: int, world: int) -> None:

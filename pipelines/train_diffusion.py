@@ -28,7 +28,7 @@ import numpy as np
 
 from cluster.train import (META, CpuBudget, ResumeMismatchError, checked_resume_meta, latest_checkpoint, barrier_report_dir, consolidate_zero_checkpoint, deepspeed_config, report,
                            resume_checkpoint, run_checkpoints, world_info)
-from pipelines.config import DiffusionConfig, config_hash, to_dict
+from pipelines.config import DiffusionConfig, loop_fingerprint, to_dict
 from pipelines.lineage import dir_hash
 from pipelines.stage import DiffusionArtifact, LatentCacheArtifact, StageContext
 from pipelines.tracking import TAG, MetricLogger
@@ -69,12 +69,8 @@ def latent_batches(urls, rank, world, batch_size, seed, preload_max_bytes=2 ** 3
 
 
 def training_fingerprint(c: dict) -> tuple[str, dict]:
-    """(hash, the fingerprinted part of loop config `c`): what must match for a bit-exact resume.
-    max_steps is left out (a finished run continues to more steps) unless the LR schedule decays
-    over them, as for the autoencoder (pipelines/train_autoencoder.py)."""
-    skip = NOT_FINGERPRINTED if c.get("lr_schedule", "constant") == "constant" else NOT_FINGERPRINTED - {"max_steps"}
-    part = {k: v for k, v in c.items() if k not in skip and not k.startswith("_")}
-    return config_hash(part), part
+    """(hash, the fingerprinted part of loop config `c`): what must match for a bit-exact resume."""
+    return loop_fingerprint(c, NOT_FINGERPRINTED)
 
 
 def check_resume(checkpoint_dir: str, c: dict) -> dict:
