@@ -22,7 +22,10 @@ agree (1e-4, float32) before anything is timed. Then:
     scheduler.step, chunk, guidance), diffusers in float32, bf16 autocast and bf16 weights;
     ldmflow in float32 and with a bf16 copy of the weights; with compiling on (the default but for
     --quick) both bf16 copies also under torch.compile with inductor's weight freezing
-    (models/inference.compile_frozen, what `sample.compile: true` does). Both
+    (models/inference.compile_frozen, what `sample.compile: true` does); and, with more than one
+    thread, ldmflow as its sampler runs by default on the CPU: the guided batch in one part per
+    thread, each part on one thread (models.inference.BatchStreams), eager and compiled (with
+    inductor's C++ wrapper, which releases the GIL). Both
     loops are first run in float32 on the same noise and checked to land on the same latents;
   - a torch.profiler breakdown of ldmflow's bf16 training step and bf16 forward (where time goes).
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -60,7 +64,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.denoiser import Denoiser  # noqa: E402
-from models.inference import compile_frozen  # noqa: E402
+from models.inference import BatchStreams, compile_frozen  # noqa: E402
 from models.interop.diffusers_unet import unet_from_diffusers  # noqa: E402
 from models.samplers import cfg_model, sample_ddim, sample_dpmpp_2m, sampler_timesteps  # noqa: E402
 
@@ -322,6 +326,11 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
         # same treatment, shown but not the baseline (the baseline is the plain diffusers loop).
         ours_c = compile_frozen(copy.deepcopy(ours_bf16), dynamic=False)
         theirs_c = compile_frozen(copy.deepcopy(theirs_bf16), dynamic=False)
+    # What pipelines.pyfunc.BundleSampler does on the CPU: one stream per intra-op thread.
+    streams = torch.get_num_threads()
+    results["streams"] = streams
+    if args.compile and streams > 1:
+        ours_cs = compile_frozen(copy.deepcopy(ours_bf16), dynamic=False, cpp_wrapper=True)
     for sampler, (sched, spacing) in schedulers.items():
         abar = sched.alphas_cumprod.clone()
         ts = sampler_timesteps(sampler, sched.config.num_train_timesteps, args.steps, spacing)
@@ -348,17 +357,35 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
         runs["ldmflow fp32"] = lambda: ldmflow_loop(den32, sampler, ts, abar, noise, cond, null, GUIDANCE)
         if args.bf16:
             runs["ldmflow bf16 weights"] = lambda: ldmflow_loop(den16, sampler, ts, abar, noise, cond, null, GUIDANCE)
+        if streams > 1:
+            # One pool per sampler, as one BundleSampler holds one.
+            runs[f"ldmflow {prec} + {streams} streams"] = functools.partial(
+                ldmflow_loop, BatchStreams(den32 if prec == "fp32" else den16, streams), sampler, ts, abar, noise,
+                cond, null, GUIDANCE)
         if args.compile:
             denc = Denoiser(ours_c, abar, prediction="eps").eval()
             runs[f"diffusers {prec} + torch.compile"] = lambda: diffusers_loop(
                 theirs_c, sched, args.steps, noise, cond, uncond, GUIDANCE, False)
             runs[f"ldmflow {prec} + torch.compile"] = lambda: ldmflow_loop(
                 denc, sampler, ts, abar, noise, cond, null, GUIDANCE)
-            for name in (f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"):
+            compiled_runs = [f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"]
+            if streams > 1:
+                name = f"ldmflow {prec} + torch.compile + {streams} streams"
+                runs[name] = functools.partial(
+                    ldmflow_loop, BatchStreams(Denoiser(ours_cs, abar, prediction="eps").eval(), streams), sampler,
+                    ts, abar, noise, cond, null, GUIDANCE)
+                compiled_runs.append(name)
+            for name in compiled_runs:
                 t0 = time.perf_counter()
                 runs[name]()   # the first call compiles (once: both samplers use one shape)
                 results["compile_s"].setdefault(name, time.perf_counter() - t0)
                 log(f"{sampler}: first run of {name} (compiling) {time.perf_counter() - t0:.0f} s")
+        for name, fn in runs.items():
+            if "streams" in name and prec == "fp32":
+                # A split batch computes the same function: the streamed loop lands where the plain one did.
+                d = (fn() - o).abs().max().item()
+                if not d <= 1e-3 * max(1.0, o.abs().max().item()):
+                    raise AssertionError(f"{sampler}: {name} differs from the one-stream loop by {d:.3g}")
         times: dict[str, list[float]] = {name: [] for name in runs}
         for fn in runs.values():
             for _ in range(args.sample_warmup):

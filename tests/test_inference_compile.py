@@ -1,14 +1,15 @@
-"""models.inference.compile_frozen against the eager module it replaces (issue 8; the timing is in
-benchmarks/unet_speed.py, and pipelines' compiled sampler is tested whole in
-tests/test_sampling_speed_paths.py)."""
+"""models.inference.compile_frozen and BatchStreams against the eager, unsplit calls they replace
+(issue 8; the timing is in benchmarks/unet_speed.py, and pipelines' compiled and streamed sampler is
+tested whole in tests/test_sampling_speed_paths.py)."""
 
 import copy
+import threading
 
 import pytest
 import torch
 from torch import nn
 
-from models.inference import compile_frozen
+from models.inference import BatchStreams, compile_frozen
 
 
 def conv_net() -> nn.Module:
@@ -51,3 +52,90 @@ def test_frozen_compile_refuses_grad_and_a_second_compile():
         compile_frozen(fast)
     with pytest.raises(TypeError, match="^module: expected a torch.nn.Module"):
         compile_frozen(lambda x: x)
+
+
+# ------------------------------------------------------------------ BatchStreams
+
+
+def tiny_unet_inputs(b: int = 5):
+    from models.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                          num_heads=2, context_dim=8)).eval()
+    for p in net.parameters():   # zero-initialised output convs would make every output 0
+        nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    ctx = torch.randn(b, 5, 8, generator=g)
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    mask[1, 3:] = False   # one padded caption, so a wrong split of the mask would show
+    return net, x, ctx, mask
+
+
+@pytest.mark.parametrize("streams", [2, 3, 8])
+def test_batch_streams_equal_the_unsplit_call(streams):
+    net, x, ctx, mask = tiny_unet_inputs(5)
+    t = torch.tensor([3, 700, 20, 999, 500])
+    split = BatchStreams(net, streams)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        ref = net(x, t, context=ctx, context_mask=mask)
+        out = split(x, t, context=ctx, context_mask=mask)            # first call: parts one by one
+        again = split(x, t, context=ctx, context_mask=mask)          # then side by side
+        one_t = split(x, torch.tensor(250), context=ctx, context_mask=None)   # 0-d t, no mask: whole
+        ref_one_t = net(x, torch.tensor(250), context=ctx)
+    assert ref.abs().max() > 0.02   # every weight reaches the output
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    torch.testing.assert_close(one_t, ref_one_t, rtol=1e-5, atol=1e-5)
+    assert torch.get_num_threads() == threads        # the caller's thread count is back
+    split.close()
+
+
+def test_batch_streams_run_parts_on_worker_threads_with_one_thread_and_the_callers_modes():
+    seen = []
+
+    def model(x, t, context=None):
+        seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(),
+                     torch.is_inference_mode_enabled(), x.shape[0], context.shape[0]))
+        return x * 2 + context.sum()
+
+    split = BatchStreams(model, 2)
+    x, ctx = torch.randn(5, 3), torch.ones(5, 2)
+    with torch.no_grad():
+        split(x, torch.tensor(0), context=ctx)
+    seen.clear()
+    with torch.inference_mode():
+        out = split(x, torch.tensor(0), context=ctx)
+    main = threading.get_ident()
+    assert sorted(s[4] for s in seen) == [2, 3] and sorted(s[5] for s in seen) == [2, 3]   # batched args split
+    assert all(s[0] != main and s[1] == 1 and not s[2] and s[3] for s in seen), seen
+    assert out.is_inference()
+    # With grad on, the parts keep the autograd graph (a split of the batch is still differentiable).
+    w = torch.ones(3, requires_grad=True)
+    y = BatchStreams(lambda x, t: x * w, 2)(x, torch.tensor(0))
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0))
+    assert split(x[:1], torch.tensor(0), context=ctx[:1]).shape == (1, 3)   # fewer rows than streams
+
+
+def test_batch_streams_refuse_a_bad_count():
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="^streams: expected an int >= 1"):
+            BatchStreams(lambda x, t: x, bad)
+    same = torch.randn(3, 2)
+    assert BatchStreams(lambda x, t: x, 1)(same, torch.tensor(0)) is same   # one stream: the model, as is
+
+
+def test_compiled_graph_with_cpp_wrapper_runs_in_streams():
+    eager = conv_net()
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = eager(x)
+    fast = compile_frozen(copy.deepcopy(eager), cpp_wrapper=True)
+    split = BatchStreams(lambda x, t: fast(x), 2)
+    with torch.no_grad():
+        first = split(x, torch.tensor(0))      # compiles on a worker thread, parts one by one
+        second = split(x, torch.tensor(0))     # the compiled parts side by side
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -48,6 +48,23 @@ def test_compiled_unet_matches_eager_and_pads_partial_batches(bundle):
         assert np.abs(got.astype(np.int16) - ref.astype(np.int16)).max() <= 1
 
 
+def test_streamed_sampler_matches_one_stream_eager_and_compiled(bundle):
+    """The guided batch split across 2 worker threads (models.inference.BatchStreams), eager and
+    compiled with inductor's C++ wrapper: the same images as the one-stream sampler."""
+    plain = BundleSampler(bundle)
+    assert plain.streams == 1          # auto: one stream per intra-op thread (1 here, see the fixture)
+    ref = plain.sample(PROMPTS, SEEDS).astype(np.int16)
+    two = BundleSampler(bundle, streams=2)
+    assert two.streams == 2
+    assert np.abs(two.sample(PROMPTS, SEEDS).astype(np.int16) - ref).max() <= 1
+    fast = BundleSampler(bundle, bundle.settings.replace(compile=True), streams=2)
+    got = fast.sample(PROMPTS, SEEDS).astype(np.int16)
+    assert np.abs(got - ref).max() <= 1
+    assert torch.get_num_threads() == 1   # the caller's count survives the 1-thread workers
+    with pytest.raises(ValueError, match="^streams: expected an int >= 1"):
+        BundleSampler(bundle, streams=0)
+
+
 def test_decoder_gets_the_autoencoders_own_latent_normalisation(bundle, tmp_path):
     """A per-channel shift and scale in the autoencoder's artifact (not the bundle's scalar
     scale_factor) maps the sampled latent back before decoding."""
