@@ -23,9 +23,9 @@ agree (1e-4, float32) before anything is timed. Then:
     ldmflow in float32 and with a bf16 copy of the weights; with compiling on (the default but for
     --quick) both bf16 copies also under torch.compile with inductor's weight freezing
     (models/inference.compile_frozen, what `sample.compile: true` does); and, with more than one
-    thread, ldmflow as its sampler runs by default on the CPU: the guided batch in one part per
-    thread, each part on one thread (models.inference.BatchStreams), eager and compiled (with
-    inductor's C++ wrapper, which releases the GIL). Both
+    thread, ldmflow as its eager sampler runs by default on the CPU: the guided batch in one part
+    per thread, each part on one thread (models.inference.BatchStreams; not for compiled models,
+    see there). Both
     loops are first run in float32 on the same noise and checked to land on the same latents;
   - a torch.profiler breakdown of ldmflow's bf16 training step and bf16 forward (where time goes).
 
@@ -329,8 +329,6 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
     # What pipelines.pyfunc.BundleSampler does on the CPU: one stream per intra-op thread.
     streams = torch.get_num_threads()
     results["streams"] = streams
-    if args.compile and streams > 1:
-        ours_cs = compile_frozen(copy.deepcopy(ours_bf16), dynamic=False, cpp_wrapper=True)
     for sampler, (sched, spacing) in schedulers.items():
         abar = sched.alphas_cumprod.clone()
         ts = sampler_timesteps(sampler, sched.config.num_train_timesteps, args.steps, spacing)
@@ -368,14 +366,7 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
                 theirs_c, sched, args.steps, noise, cond, uncond, GUIDANCE, False)
             runs[f"ldmflow {prec} + torch.compile"] = lambda: ldmflow_loop(
                 denc, sampler, ts, abar, noise, cond, null, GUIDANCE)
-            compiled_runs = [f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"]
-            if streams > 1:
-                name = f"ldmflow {prec} + torch.compile + {streams} streams"
-                runs[name] = functools.partial(
-                    ldmflow_loop, BatchStreams(Denoiser(ours_cs, abar, prediction="eps").eval(), streams), sampler,
-                    ts, abar, noise, cond, null, GUIDANCE)
-                compiled_runs.append(name)
-            for name in compiled_runs:
+            for name in (f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"):
                 t0 = time.perf_counter()
                 runs[name]()   # the first call compiles (once: both samplers use one shape)
                 results["compile_s"].setdefault(name, time.perf_counter() - t0)

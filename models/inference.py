@@ -16,11 +16,14 @@ applies to graphs compiled without autograd, hence the no-grad check.
 `BatchStreams` runs one model call as several smaller ones at once, each on its own Python thread
 with one intra-op thread (OpenVINO's "throughput streams"): on a CPU the small GEMMs and convolutions
 of a latent U-Net parallelise poorly inside one op (2-core EPYC, the benchmark U-Net's guided
-batch-16 compiled forward: 1 thread per 8-image half 170 ms alone, 2 threads on all 16 230 ms), while
-two independent halves on one thread each run side by side at 93% efficiency, 182 ms for the 16.
-The halves only overlap where the GIL is released: inside each op (eager), or for a whole graph
-with inductor's C++ wrapper (`compile_frozen(..., cpp_wrapper=True)`); with inductor's default
-Python wrapper the two threads serialise on its per-kernel Python calls (268 ms vs 283 ms).
+batch-16 forward: two threads on the 16 run at ~75% of twice one thread's rate), while two
+independent halves on one thread each run side by side at ~93%. Eager ops release the GIL while
+they compute, so eager halves overlap: the guided DDIM-20 loop at batch 8 took 4.30 s in 2 streams
+against 4.97 s in one (median of 8, interleaved). Not for torch.compile'd models: inductor's
+default Python wrapper holds the GIL between kernels (two threads gained 5%), and with its C++
+wrapper (which overlaps: 3.70 s vs 4.11 s) dynamo's guard check, run by both threads at once,
+failed once in ~100 calls in each of two runs ("runtime guards failed even though they passed")
+and recompiled the whole U-Net, a 90-120 s stall; so the sampler runs compiled models in one stream.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from torch import nn
 __all__ = ["compile_frozen", "BatchStreams"]
 
 
-def compile_frozen(module: nn.Module, dynamic: bool = False, cpp_wrapper: bool = False) -> nn.Module:
+def compile_frozen(module: nn.Module, dynamic: bool = False) -> nn.Module:
     """Compile `module` in place for inference, its weights frozen into the graph; returns it.
 
     The parameters stop requiring grad, and the first call (which compiles) captures their values:
@@ -45,11 +48,6 @@ def compile_frozen(module: nn.Module, dynamic: bool = False, cpp_wrapper: bool =
     the instance's `forward`, the module tree stays as it was). `dynamic=False` specialises on the
     first input shapes; another shape compiles again. Calls must run without grad
     (torch.no_grad() or torch.inference_mode()): a call with grad enabled raises RuntimeError.
-    `cpp_wrapper=True` has inductor call the graph's kernels from generated C++ instead of Python,
-    which releases the GIL for the whole graph: what lets `BatchStreams` run compiled calls side by
-    side (one graph call costs the same either way; the C++ wrapper adds some compile time).
-    Inductor bakes the calling thread's intra-op thread count into the kernels it generates, so the
-    first call (the compile) must run with the thread count later calls use: BatchStreams does.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
@@ -63,7 +61,7 @@ def compile_frozen(module: nn.Module, dynamic: bool = False, cpp_wrapper: bool =
         if torch.is_grad_enabled():
             raise RuntimeError(f"{type(module).__name__} was compiled for inference (compile_frozen): "
                                "call it under torch.no_grad() or torch.inference_mode()")
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
+        with torch._inductor.config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
     module.forward = forward
@@ -82,11 +80,11 @@ class BatchStreams:
     for eval-mode networks without batch statistics (GroupNorm, LayerNorm: every U-Net here), so the
     result equals the unsplit call up to the rounding of smaller GEMMs. A batch smaller than
     `streams` uses one stream per row; `streams` 1, or tensors not on the CPU, call the model as is.
+    For eager models only (see the module docstring for why not torch.compile'd ones).
     The caller's grad, inference-mode and CPU-autocast state hold in the workers (they are
     thread-local in torch), and its intra-op thread count is restored when the call returns
-    (torch's count is process-wide). The first call of each set of part shapes runs its parts one
-    after another, so that a torch.compile'd model compiles once per shape, on a worker thread
-    with the one intra-op thread its kernels will run with. Not re-entrant: one call at a time.
+    (torch's count is process-wide, which is also why calls from several threads take turns, each
+    still split across the streams).
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], streams: int):
@@ -95,7 +93,6 @@ class BatchStreams:
         self.model = model
         self.streams = streams
         self._pool = ThreadPoolExecutor(streams, thread_name_prefix="ldmflow-stream") if streams > 1 else None
-        self._warm: set[tuple] = set()
         self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -121,19 +118,12 @@ class BatchStreams:
             with mode, torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
                 return self.model(xs[i], ts[i], **{k: v[i] for k, v in kw.items()})
 
-        shapes = tuple(tuple(c.shape) for c in xs)
-        threads = torch.get_num_threads()
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("BatchStreams: called again while a call is running (one call at a time)")
-        try:
-            if shapes in self._warm:
+        with self._lock:   # calls from several threads (a threaded model server) take turns
+            threads = torch.get_num_threads()   # read inside: another call's parts set it to 1
+            try:
                 outs = list(self._pool.map(part, range(n)))
-            else:
-                outs = [self._pool.submit(part, i).result() for i in range(n)]
-                self._warm.add(shapes)
-        finally:
-            torch.set_num_threads(threads)
-            self._lock.release()
+            finally:
+                torch.set_num_threads(threads)
         return torch.cat(outs)
 
     def close(self) -> None:

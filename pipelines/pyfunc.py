@@ -264,12 +264,15 @@ class BundleSampler:
             # the sampler's update stay float32.
             unet.to(torch.bfloat16)
         self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
-        # CPU: the guided batch runs as one part per intra-op thread, each part on one thread
-        # (models.inference.BatchStreams: 10-25% more images/s on 2 cores, BENCHMARKS.md). A Ray
-        # actor holding one CPU runs one stream, as before; `ldmflow generate`'s bit-for-bit
-        # regeneration relies on its actors' single thread. None = the current thread count.
+        # CPU, eager: the guided batch runs as one part per intra-op thread, each part on one
+        # thread (models.inference.BatchStreams: ~1.15x the images/s on 2 cores, BENCHMARKS.md).
+        # A Ray actor holding one CPU runs one stream, as before; `ldmflow generate`'s bit-for-bit
+        # regeneration relies on its actors' single thread. A compiled U-Net runs one stream (why:
+        # models/inference.py). None = one per thread where that applies.
         if streams is None:
-            streams = torch.get_num_threads() if self.device.type == "cpu" else 1
+            streams = torch.get_num_threads() if self.device.type == "cpu" and not s.compile else 1
+        elif s.compile and streams != 1:
+            raise ValueError(f"streams: a compiled sampler (compile: true) runs one stream, got {streams!r}")
         self.streams = streams
         self.net_fn = BatchStreams(self.denoiser, streams)
         self._compiled_batch = 0
@@ -277,9 +280,8 @@ class BundleSampler:
             # In place (state dict keys unchanged), the weights frozen into the graph (inductor
             # pre-packs them for oneDNN on the CPU; 20% off a bf16 forward, models/inference.py).
             # dynamic=False: one specialised graph for the batch shape; sample() pads a smaller
-            # batch up to it instead of compiling again. Streams need inductor's C++ wrapper, which
-            # releases the GIL for the whole graph.
-            compile_frozen(unet, dynamic=False, cpp_wrapper=self.device.type == "cpu" and streams > 1)
+            # batch up to it instead of compiling again.
+            compile_frozen(unet, dynamic=False)
         self.sample_fn = SAMPLERS[s.sampler]
         # Raises here, before any prompt: too many steps, or a flow sampler on a diffusion model.
         self.timesteps = sampler_timesteps(s.sampler, schedule.num_timesteps, s.steps, s.spacing)
