@@ -18,8 +18,8 @@ with one intra-op thread (OpenVINO's "throughput streams"): on a CPU the small G
 of a latent U-Net parallelise poorly inside one op (2-core EPYC, the benchmark U-Net's guided
 batch-16 forward: two threads on the 16 run at ~75% of twice one thread's rate), while two
 independent halves on one thread each run side by side at ~93%. Eager ops release the GIL while
-they compute, so eager halves overlap: the guided DDIM-20 loop at batch 8 took 4.30 s in 2 streams
-against 4.97 s in one (median of 8, interleaved). Not for torch.compile'd models: inductor's
+they compute, so eager halves overlap: the guided DDIM-20 loop at batch 8 ran 1.07x (DDIM) and
+1.08x (DPM-Solver++) faster in 2 streams than in one (BENCHMARKS.md; 1.16x in a separate run). Not for torch.compile'd models: inductor's
 default Python wrapper holds the GIL between kernels (two threads gained 5%), and with its C++
 wrapper (which overlaps: 3.70 s vs 4.11 s) dynamo's guard check, run by both threads at once,
 failed once in ~100 calls in each of two runs ("runtime guards failed even though they passed")

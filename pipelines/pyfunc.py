@@ -250,6 +250,15 @@ class BundleSampler:
         self.bundle = bundle
         self.settings = s = settings or bundle.settings
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # CPU, eager: the guided batch runs as one part per intra-op thread, each part on one
+        # thread (models.inference.BatchStreams: 1.07x / 1.08x the images/s of one stream on 2
+        # cores, BENCHMARKS.md). A Ray actor holding one CPU runs one stream, as before; `ldmflow
+        # generate`'s bit-for-bit regeneration relies on its actors' single thread. A compiled
+        # U-Net runs one stream (why: models/inference.py). None = one per thread where that applies.
+        if streams is None:
+            streams = torch.get_num_threads() if self.device.type == "cpu" and not s.compile else 1
+        elif s.compile and streams != 1:
+            raise ValueError(f"streams: a compiled sampler (compile: true) runs one stream, got {streams!r}")
         ddir = Path(bundle.diffusion_dir)
         unet_dir = ddir / ("unet_ema" if s.use_ema and (ddir / "unet_ema").is_dir() else "unet")
         cfg, state, _ = load_state(unet_dir)
@@ -264,16 +273,6 @@ class BundleSampler:
             # the sampler's update stay float32.
             unet.to(torch.bfloat16)
         self.denoiser = build_denoiser(unet, schedule, objective).eval().to(self.device)
-        # CPU, eager: the guided batch runs as one part per intra-op thread, each part on one
-        # thread (models.inference.BatchStreams: ~1.15x the images/s on 2 cores, BENCHMARKS.md).
-        # A Ray actor holding one CPU runs one stream, as before; `ldmflow generate`'s bit-for-bit
-        # regeneration relies on its actors' single thread. A compiled U-Net runs one stream (why:
-        # models/inference.py). None = one per thread where that applies.
-        if streams is None:
-            streams = torch.get_num_threads() if self.device.type == "cpu" and not s.compile else 1
-        elif s.compile and streams != 1:
-            raise ValueError(f"streams: a compiled sampler (compile: true) runs one stream, got {streams!r}")
-        self.streams = streams
         self.net_fn = BatchStreams(self.denoiser, streams)
         self._compiled_batch = 0
         if s.compile:
@@ -304,6 +303,11 @@ class BundleSampler:
                              f"({factor}), got {res}")
         self.resolution = res
         self.latent_hw = res // factor
+
+    @property
+    def streams(self) -> int:
+        """How many parts the U-Net's batch runs in at once (models.inference.BatchStreams)."""
+        return self.net_fn.streams
 
     def sample(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """(N,) prompts and seeds -> (N, H, W, 3) uint8 RGB."""

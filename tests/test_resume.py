@@ -133,8 +133,8 @@ def test_zero2_bf16_grad_accum_saves_and_consolidates(ray_local, latents, tmp_pa
 
 def test_cosine_lr_reaches_the_optimizer_and_is_fingerprinted(ray_local, latents, tmp_path):
     """lr_schedule cosine (no DeepSpeed scheduler; the loop sets the rate): warm-up 1, 3 steps at
-    rates lr, lr/2, 0. The last step's rate 0 leaves the U-Net exactly as step 2 left it; a cosine run's max_steps is fingerprinted (its decay depends on it), a
-    constant run's is not."""
+    rates lr, lr/2, 0. The last step's rate 0 leaves the U-Net exactly as step 2 left it; a cosine
+    run's max_steps is fingerprinted (its decay depends on it), a constant run's is not."""
     from models.lr import warmup_cosine
     assert [warmup_cosine(s, 3e-3, 1, 3) for s in (1, 2, 3)] == pytest.approx([3e-3, 1.5e-3, 0.0], abs=1e-12)
     c = _loop_cfg(latents, lr_schedule="cosine", warmup_steps=1, max_steps=3, checkpoint_every=1)
