@@ -1,6 +1,6 @@
 """U-Net speed: ldmflow vs diffusers' UNet2DConditionModel, same architecture and weights (issue 8).
 
-    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--no-compile] [--compile-training]
+    python benchmarks/unet_speed.py [--quick] [--json out.json] [--threads 2] [--no-compile] [--no-compile-training]
                                     [--bf16 auto|on|off]
 
 One diffusers config (the issue's 8.75M-parameter net: block_out_channels 64/128/128, cross-attention
@@ -13,7 +13,8 @@ agree (1e-4, float32) before anything is timed. Then:
     per-tensor for-loop on the CPU) and, shown apart, with ldmflow's fused Adam; ldmflow float32,
     bf16 autocast, bf16 autocast + channels_last with the fused Adam every ldmflow stage builds
     (models/optim.py), and with torch's default Adam to separate the net's share from the
-    optimizer's; with --compile-training also bf16 autocast + torch.compile (its compile time
+    optimizer's; with compiling on (the default but for --quick; --no-compile-training leaves it
+    out) also bf16 autocast + torch.compile, what `diffusion.compile: true` does (its compile time
     reported apart, never inside a step);
   - FLOPs of one step (torch.utils.flop_counter: matmuls, convs, attention; not Adam or elementwise)
     and the achieved FLOP/s as a fraction of a 2048^2 matmul timed in the same run, float32 and bf16;
@@ -21,11 +22,11 @@ agree (1e-4, float32) before anything is timed. Then:
     cfg_model (one batched 2B forward per step) vs the standard diffusers loop (cat([latents] * 2),
     scheduler.step, chunk, guidance), diffusers in float32, bf16 autocast and bf16 weights;
     ldmflow in float32 and with a bf16 copy of the weights; with compiling on (the default but for
-    --quick) both bf16 copies also under torch.compile with inductor's weight freezing
-    (models/inference.compile_frozen, what `sample.compile: true` does); and, with more than one
-    thread, ldmflow as its eager sampler runs by default on the CPU: the guided batch in one part
-    per thread, each part on one thread (models.inference.BatchStreams; not for compiled models,
-    see there). Both
+    --quick) both bf16 copies also compiled with inductor's weight freezing (diffusers under
+    torch.compile, models/inference.compile_frozen; ldmflow through torch.export,
+    models/inference.export_frozen, what `sample.compile: true` does); and, with more than one
+    thread, ldmflow as its sampler runs by default on the CPU, eager and compiled: the guided
+    batch in one part per thread, each part on one thread (models.inference.BatchStreams). Both
     loops are first run in float32 on the same noise and checked to land on the same latents;
   - a torch.profiler breakdown of ldmflow's bf16 training step and bf16 forward (where time goes).
 
@@ -64,7 +65,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.denoiser import Denoiser  # noqa: E402
-from models.inference import BatchStreams, compile_frozen  # noqa: E402
+from models.inference import BatchStreams, compile_frozen, export_frozen  # noqa: E402
 from models.interop.diffusers_unet import unet_from_diffusers  # noqa: E402
 from models.samplers import cfg_model, sample_ddim, sample_dpmpp_2m, sampler_timesteps  # noqa: E402
 
@@ -322,9 +323,11 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
                                "compile_s": {}}
     if args.compile:
         # What `sample.compile: true` / `generate --compile` do: the bf16 copy compiled in place with
-        # one static shape and its weights frozen (models/inference.py). diffusers' loop gets the
-        # same treatment, shown but not the baseline (the issue's baseline is the plain diffusers loop).
-        ours_c = compile_frozen(copy.deepcopy(ours_bf16), dynamic=False)
+        # static shapes and its weights frozen, through torch.export (models/inference.py; one graph
+        # for the whole batch on all threads, one for a stream's part on one thread). diffusers' loop
+        # gets torch.compile with the same freezing, shown but not the baseline (the issue's
+        # baseline is the plain diffusers loop).
+        ours_c = export_frozen(copy.deepcopy(ours_bf16))
         theirs_c = compile_frozen(copy.deepcopy(theirs_bf16), dynamic=False)
     # What pipelines.pyfunc.BundleSampler does on the CPU: one stream per intra-op thread.
     streams = torch.get_num_threads()
@@ -366,7 +369,12 @@ def bench_sampling(theirs, ours, args) -> dict[str, Any]:
                 theirs_c, sched, args.steps, noise, cond, uncond, GUIDANCE, False)
             runs[f"ldmflow {prec} + torch.compile"] = lambda: ldmflow_loop(
                 denc, sampler, ts, abar, noise, cond, null, GUIDANCE)
-            for name in (f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"):
+            compiled = [f"diffusers {prec} + torch.compile", f"ldmflow {prec} + torch.compile"]
+            if streams > 1:
+                compiled.append(f"ldmflow {prec} + torch.compile + {streams} streams")
+                runs[compiled[-1]] = functools.partial(ldmflow_loop, BatchStreams(denc, streams), sampler, ts, abar,
+                                                       noise, cond, null, GUIDANCE)
+            for name in compiled:
                 t0 = time.perf_counter()
                 runs[name]()   # the first call compiles (once: both samplers use one shape)
                 results["compile_s"].setdefault(name, time.perf_counter() - t0)
@@ -428,9 +436,10 @@ def bench_profiles(ours, args) -> dict[str, Any]:
                                                                         2 if args.quick else 3),
            f"sampling forward (2B), {_sample_precision(args)}": profile_shares(lambda: fwd(net16), reps)}
     if args.compile:
-        # The judged sampling variant: the same forward compiled with frozen weights. Its fused
-        # inductor kernels show as one "CompiledFxGraph" entry; the extern calls (oneDNN conv,
-        # MKL linear, SDPA) by name.
+        # The same forward compiled with frozen weights. torch.compile's Python wrapper, not the
+        # judged variant's C++ one (export_frozen), whose kernel calls torch.profiler does not see:
+        # the fused inductor kernels show as one "CompiledFxGraph" entry, the extern calls (oneDNN
+        # conv, linear, SDPA) by name.
         frozen = compile_frozen(copy.deepcopy(net16))
         fwd(frozen)   # compiles (a cache hit after the sampling section: same shapes)
         out[f"sampling forward (2B), {_sample_precision(args)} + torch.compile (frozen weights)"] = \
@@ -543,9 +552,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time sampling under torch.compile, as sample.compile does (default: on, off "
                         "with --quick; minutes of compiling)")
-    p.add_argument("--compile-training", action="store_true",
-                   help="also time a torch.compile'd training step (not a pipeline option: measured at "
-                        "about 1.05x eager for ~4-6 min of compiling on this machine)")
+    p.add_argument("--compile-training", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time a torch.compile'd training step, as diffusion.compile does (default: "
+                        "as --compile; ~4 min of compiling)")
     p.add_argument("--reps", type=int, default=None, help="timed training steps per variant")
     p.add_argument("--sample-reps", type=int, default=None, help="timed sampling runs per variant")
     p.add_argument("--no-sampling", action="store_true")
@@ -565,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.sample_reps = args.sample_reps or (1 if quick else 5)   # ~3 s a run; 3 proved too few on a noisy machine
     if args.compile is None:
         args.compile = not quick
+    if args.compile_training is None:
+        args.compile_training = args.compile
     torch.set_num_threads(args.threads)
     if args.compile or args.compile_training:
         # Cold compile times: torch's on-disk inductor cache (shared by every run on the machine)

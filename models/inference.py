@@ -19,15 +19,25 @@ of a latent U-Net parallelise poorly inside one op (2-core EPYC, the benchmark U
 batch-16 forward: two threads on the 16 run at ~75% of twice one thread's rate), while two
 independent halves on one thread each run side by side at ~93%. Eager ops release the GIL while
 they compute, so eager halves overlap: the guided DDIM-20 loop at batch 8 ran 1.07x (DDIM) and
-1.08x (DPM-Solver++) faster in 2 streams than in one (BENCHMARKS.md; 1.16x in a separate run). Not for torch.compile'd models: inductor's
-default Python wrapper holds the GIL between kernels (two threads gained 5%), and with its C++
-wrapper (which overlaps: 3.70 s vs 4.11 s) dynamo's guard check, run by both threads at once,
-failed once in ~100 calls in each of two runs ("runtime guards failed even though they passed")
-and recompiled the whole U-Net, a 90-120 s stall; so the sampler runs compiled models in one stream.
+1.08x (DPM-Solver++) faster in 2 streams than in one (BENCHMARKS.md; 1.16x in a separate run).
+
+Compiled models need `export_frozen` for streams, not `compile_frozen` (torch.compile):
+- inductor's default Python wrapper holds the GIL between kernels (two threads gained 5%), so its
+  C++ wrapper is needed for the parts to overlap;
+- torch.compile evaluates TorchDynamo's guards on every call, and with two stream threads calling
+  at once that check failed once in ~100 calls in each of two runs ("runtime guards failed even
+  though they passed") and recompiled the whole U-Net, a 90-120 s stall.
+`export_frozen` traces with torch.export and compiles the graph with inductor directly (C++ wrapper
+on the CPU), so no guard runs per call; it keys its static graphs itself. On the 2-core EPYC with
+avx512_bf16, the bf16 guided batch-16 forward of the benchmark U-Net: one compiled graph on 2
+threads 166 ms, two 1-thread graphs on halves run one after the other 207 ms, and at once as two
+streams 112 ms (a small graph's kernels parallelise poorly across 2 threads; two streams do not
+share them).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_frozen", "BatchStreams"]
+__all__ = ["compile_frozen", "export_frozen", "BatchStreams"]
 
 
 def compile_frozen(module: nn.Module, dynamic: bool = False) -> nn.Module:
@@ -69,6 +79,101 @@ def compile_frozen(module: nn.Module, dynamic: bool = False) -> nn.Module:
     return module
 
 
+class _Call(nn.Module):
+    """`forward(*tensors)` = the wrapped module's original forward with `template`'s non-tensor
+    arguments (None, numbers) put back in place: what export traces, so the graph takes only
+    tensors (the module's own `forward` attribute is the dispatcher by then)."""
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Any], template: tuple[Any, ...]):
+        super().__init__()
+        self.module = module   # registered: its parameters and buffers become the graph's constants
+        self._forward = forward
+        self._template = template
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        return self._forward(*(next(it) if isinstance(a, torch.Tensor) else a for a in self._template))
+
+
+def _signature_key(value: Any) -> Any:
+    # What a static graph is specialised on: shape, dtype, device and layout for a tensor, the value
+    # for anything else export bakes in (None, numbers, strings).
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"export_frozen: arguments must be tensors or hashable constants, got "
+                        f"{type(value).__name__}") from None
+    return ("const", type(value).__name__, value)
+
+
+def export_frozen(module: nn.Module) -> nn.Module:
+    """Compile `module` in place for inference like `compile_frozen` (weights frozen, no grad, state
+    dict keys unchanged), but through torch.export and inductor directly, with no TorchDynamo guard
+    evaluated per call: safe to call from several threads at once, so `BatchStreams` can run its
+    parts in compiled graphs.
+
+    One static graph per call signature (every tensor argument's shape, dtype, device and strides,
+    every other argument's value) and per intra-op thread count, compiled on the first call that
+    has it: inductor writes the thread count into its CPU kernels, so a graph compiled on 2 threads
+    would run 2 OpenMP threads inside each of two 1-thread streams. A call compiling a graph holds
+    the others back (one graph is built once when both streams of a split batch ask for it). On the
+    CPU inductor's C++ wrapper runs the graph: its Python wrapper takes the GIL between kernels,
+    which serialises the streams. The module is traced in its current mode (call `.eval()` first)
+    and with its current weights; each graph holds its own frozen (pre-packed) copy of them. Calls
+    must run without grad, as for compile_frozen.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if getattr(module, "_frozen_compiled", False):
+        raise ValueError("module: already compiled with compile_frozen or export_frozen")
+    if module.training:
+        raise ValueError(f"module: {type(module).__name__} is in training mode; call .eval() before export_frozen "
+                         "(export bakes the mode into the graph)")
+    module.requires_grad_(False)
+    original = module.forward
+    signature = inspect.signature(original)
+    graphs: dict[Any, Callable[..., Any]] = {}
+    lock = threading.Lock()
+
+    def build(args: tuple[Any, ...]) -> Callable[..., Any]:
+        tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+        device = tensors[0].device if tensors else torch.device("cpu")
+        program = torch.export.export(_Call(module, original, args), tensors)
+        options = {"freezing": True, "cpp_wrapper": device.type == "cpu"}
+        graph = torch._inductor.compile(program.module(), list(tensors), options)
+        graph(*tensors)   # the first call of an inductor graph finishes loading its kernels: do it here
+        return graph
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{type(module).__name__} was compiled for inference (export_frozen): "
+                               "call it under torch.no_grad() or torch.inference_mode()")
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        flat = tuple(bound.arguments.values())
+        if any(k.kind in (k.VAR_POSITIONAL, k.VAR_KEYWORD) for k in signature.parameters.values()):
+            raise TypeError(f"export_frozen: {type(module).__name__}.forward takes *args or **kwargs; "
+                            "only fixed parameters can be exported")
+        key = (torch.get_num_threads(), tuple(_signature_key(a) for a in flat))
+        graph = graphs.get(key)
+        if graph is None:
+            with lock:
+                graph = graphs.get(key)
+                if graph is None:
+                    graph = graphs[key] = build(flat)
+        return graph(*(a for a in flat if isinstance(a, torch.Tensor)))
+
+    # For tests and introspection: {(threads, signature): graph}. On the function, not the module:
+    # export snapshots a traced module's attributes and puts the copies back when it is done.
+    forward.graphs = graphs
+    module.forward = forward
+    module._frozen_compiled = True
+    return module
+
+
 class BatchStreams:
     """`model(x, t, **kwargs)`, the model-callable contract of models.samplers, with the batch split
     into `streams` parts that run at once on worker threads, each with one intra-op thread; the parts'
@@ -80,7 +185,7 @@ class BatchStreams:
     for eval-mode networks without batch statistics (GroupNorm, LayerNorm: every U-Net here), so the
     result equals the unsplit call up to the rounding of smaller GEMMs. A batch smaller than
     `streams` uses one stream per row; `streams` 1, or tensors not on the CPU, call the model as is.
-    For eager models only (see the module docstring for why not torch.compile'd ones).
+    For eager models and `export_frozen` ones, not `compile_frozen` ones (see the module docstring).
     The caller's grad, inference-mode and CPU-autocast state hold in the workers (they are
     thread-local in torch), and its intra-op thread count is restored when the call returns
     (torch's count is process-wide, which is also why calls from several threads take turns, each

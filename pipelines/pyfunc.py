@@ -240,7 +240,7 @@ class BundleSampler:
         from models.autoencoders import load_autoencoder
         from models.checkpoint import load_state
         from models.denoiser import ObjectiveConfig, build_denoiser
-        from models.inference import BatchStreams, compile_frozen
+        from models.inference import BatchStreams, export_frozen
         from models.latent_norm import LatentNorm
         from models.samplers import SAMPLERS, sampler_timesteps
         from models.schedules import ScheduleConfig
@@ -250,15 +250,13 @@ class BundleSampler:
         self.bundle = bundle
         self.settings = s = settings or bundle.settings
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # CPU, eager: the guided batch runs as one part per intra-op thread, each part on one
-        # thread (models.inference.BatchStreams: 1.07x / 1.08x the images/s of one stream on 2
-        # cores, BENCHMARKS.md). A Ray actor holding one CPU runs one stream, as before; `ldmflow
-        # generate`'s bit-for-bit regeneration relies on its actors' single thread. A compiled
-        # U-Net runs one stream (why: models/inference.py). None = one per thread where that applies.
+        # CPU: the guided batch runs as one part per intra-op thread, each part on one thread
+        # (models.inference.BatchStreams; on 2 cores 1.07x / 1.08x the images/s of one stream
+        # eager, more compiled: BENCHMARKS.md). A Ray actor holding one CPU runs one stream, as
+        # before; `ldmflow generate`'s bit-for-bit regeneration relies on its actors' single
+        # thread. None = one stream per thread on the CPU, one elsewhere.
         if streams is None:
-            streams = torch.get_num_threads() if self.device.type == "cpu" and not s.compile else 1
-        elif s.compile and streams != 1:
-            raise ValueError(f"streams: a compiled sampler (compile: true) runs one stream, got {streams!r}")
+            streams = torch.get_num_threads() if self.device.type == "cpu" else 1
         ddir = Path(bundle.diffusion_dir)
         unet_dir = ddir / ("unet_ema" if s.use_ema and (ddir / "unet_ema").is_dir() else "unet")
         cfg, state, _ = load_state(unet_dir)
@@ -277,10 +275,10 @@ class BundleSampler:
         self._compiled_batch = 0
         if s.compile:
             # In place (state dict keys unchanged), the weights frozen into the graph (inductor
-            # pre-packs them for oneDNN on the CPU; 20% off a bf16 forward, models/inference.py).
-            # dynamic=False: one specialised graph for the batch shape; sample() pads a smaller
-            # batch up to it instead of compiling again.
-            compile_frozen(unet, dynamic=False)
+            # pre-packs them for oneDNN on the CPU; 20% off a bf16 forward, models/inference.py),
+            # with no per-call guards, so the streams run it at once. Static shapes: sample() pads a
+            # smaller batch up to the compiled one instead of compiling again.
+            export_frozen(unet)
         self.sample_fn = SAMPLERS[s.sampler]
         # Raises here, before any prompt: too many steps, or a flow sampler on a diffusion model.
         self.timesteps = sampler_timesteps(s.sampler, schedule.num_timesteps, s.steps, s.spacing)

@@ -1,4 +1,4 @@
-"""models.inference.compile_frozen and BatchStreams against the eager, unsplit calls they replace
+"""models.inference.compile_frozen, export_frozen and BatchStreams against the eager, unsplit calls they replace
 (issue 8; the timing is in benchmarks/unet_speed.py, and pipelines' compiled and streamed sampler is
 tested whole in tests/test_sampling_speed_paths.py)."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.inference import BatchStreams, compile_frozen
+from models.inference import BatchStreams, compile_frozen, export_frozen
 
 
 def conv_net() -> nn.Module:
@@ -52,6 +52,87 @@ def test_frozen_compile_refuses_grad_and_a_second_compile():
         compile_frozen(fast)
     with pytest.raises(TypeError, match="^module: expected a torch.nn.Module"):
         compile_frozen(lambda x: x)
+
+
+class MaskedNet(nn.Module):
+    """conv_net's layers with the argument kinds a U-Net call has: a batched tensor, an optional
+    per-row mask (None or a tensor: two graphs) and a number export bakes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_net()
+
+    def forward(self, x, scale: float = 1.0, mask=None):
+        out = self.net(x) * scale   # (B, 5)
+        return out if mask is None else out.masked_fill(~mask, 0.0)
+
+
+def test_export_frozen_matches_eager_one_graph_per_signature_and_thread_count():
+    eager = MaskedNet().eval()
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(4, 3, 6, 6, generator=g), torch.rand(4, 5, generator=g) > 0.3
+    with torch.no_grad():
+        refs = [eager(x), eager(x, 2.0, mask), eager(x[:2], 2.0, mask[:2])]
+    fast = export_frozen(copy.deepcopy(eager))
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert list(fast.state_dict()) == list(eager.state_dict())
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        outs = [fast(x), fast(x, 2.0, mask), fast(x[:2], scale=2.0, mask=mask[:2]),
+                fast(x, mask=mask, scale=2.0)]   # keywords bind to the same signature: no new graph
+    for out, ref in zip(outs, refs + [refs[1]]):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    graphs = fast.forward.graphs
+    assert len(graphs) == 3 and {k[0] for k in graphs} == {threads}
+    torch.set_num_threads(threads + 1)   # inductor writes the count into its kernels: a new graph
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), refs[0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(graphs) == 4
+    # The weights are frozen into the graphs (constants inductor pre-packs, not inputs read per
+    # call): a changed parameter is not seen. (The C++ wrapper's kernel calls do not show in
+    # torch.profiler, so compile_frozen's profile check cannot be made here.)
+    with torch.no_grad():
+        fast.net[0].weight.add_(1.0)
+        torch.testing.assert_close(fast(x), refs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_export_frozen_graphs_run_in_concurrent_batch_streams():
+    """No guard is evaluated per call, so the streams call one graph at once (compile_frozen's
+    dynamo guard check raced there: models/inference.py): many concurrent calls, all exact."""
+    eager = MaskedNet().eval()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(6, 3, 6, 6, generator=g) for _ in range(4)]
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    with torch.no_grad():
+        refs = [eager(x, 1.0, mask) for x in xs]
+    fast = export_frozen(copy.deepcopy(eager))
+    split = BatchStreams(fast, 2)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for i in range(60):
+            torch.testing.assert_close(split(xs[i % 4], 1.0, mask=mask), refs[i % 4], rtol=1e-5, atol=1e-5)
+    assert list(fast.forward.graphs) and all(k[0] == 1 for k in fast.forward.graphs)   # built in the streams
+    assert len(fast.forward.graphs) == 1 and torch.get_num_threads() == threads
+    split.close()
+
+
+def test_export_frozen_refuses_grad_training_mode_and_bad_arguments():
+    fast = export_frozen(MaskedNet().eval())
+    with pytest.raises(RuntimeError, match="compiled for inference \\(export_frozen\\).*no_grad"):
+        fast(torch.randn(1, 3, 6, 6))
+    with torch.no_grad(), pytest.raises(TypeError, match="^export_frozen: arguments must be tensors or hashable"):
+        fast(torch.randn(1, 3, 6, 6), [1.0])
+    assert not fast.forward.graphs   # nothing was compiled for the refused calls
+    for compiled in (fast, compile_frozen(conv_net())):
+        with pytest.raises(ValueError, match="^module: already compiled"):
+            export_frozen(compiled)
+    with pytest.raises(ValueError, match="^module: MaskedNet is in training mode"):
+        export_frozen(MaskedNet().train())
+    with pytest.raises(TypeError, match="^module: expected a torch.nn.Module"):
+        export_frozen(lambda x: x)
 
 
 # ------------------------------------------------------------------ BatchStreams

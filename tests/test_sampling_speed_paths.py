@@ -48,9 +48,10 @@ def test_compiled_unet_matches_eager_and_pads_partial_batches(bundle):
         assert np.abs(got.astype(np.int16) - ref.astype(np.int16)).max() <= 1
 
 
-def test_streamed_sampler_matches_one_stream_and_compiled_runs_one(bundle):
+def test_streamed_sampler_matches_one_stream_compiled_or_not(bundle):
     """The guided batch split across 2 worker threads (models.inference.BatchStreams): the same
-    images as the one-stream sampler. A compiled sampler runs one stream."""
+    images as the one-stream sampler, eager and compiled (export_frozen: graphs without per-call
+    guards, one per stream size and thread count)."""
     plain = BundleSampler(bundle)
     assert plain.streams == 1          # auto: one stream per intra-op thread (1 here, see the fixture)
     ref = plain.sample(PROMPTS, SEEDS).astype(np.int16)
@@ -58,14 +59,17 @@ def test_streamed_sampler_matches_one_stream_and_compiled_runs_one(bundle):
     assert two.streams == 2
     assert np.abs(two.sample(PROMPTS, SEEDS).astype(np.int16) - ref).max() <= 1
     assert torch.get_num_threads() == 1   # the caller's count survives the 1-thread workers
+    compiled = BundleSampler(bundle, bundle.settings.replace(compile=True), streams=2)
+    for _ in range(3):   # the two streams share one graph; repeated concurrent calls stay exact
+        assert np.abs(compiled.sample(PROMPTS, SEEDS).astype(np.int16) - ref).max() <= 1
+    graphs = compiled.denoiser.net.forward.graphs
+    assert len(graphs) == 1 and next(iter(graphs))[0] == 1   # one graph, built for 1-thread streams
     with pytest.raises(ValueError, match="^streams: expected an int >= 1"):
         BundleSampler(bundle, streams=0)
-    with pytest.raises(ValueError, match="^streams: a compiled sampler"):
-        BundleSampler(bundle, bundle.settings.replace(compile=True), streams=2)
     torch.set_num_threads(2)
     try:
         assert BundleSampler(bundle).streams == 2
-        assert BundleSampler(bundle, bundle.settings.replace(compile=True)).streams == 1
+        assert BundleSampler(bundle, bundle.settings.replace(compile=True)).streams == 2
     finally:
         torch.set_num_threads(1)
 
