@@ -28,11 +28,13 @@ Compiled models need `export_frozen` for streams, not `compile_frozen` (torch.co
   at once that check failed once in ~100 calls in each of two runs ("runtime guards failed even
   though they passed") and recompiled the whole U-Net, a 90-120 s stall.
 `export_frozen` traces with torch.export and compiles the graph with inductor directly (C++ wrapper
-on the CPU), so no guard runs per call; it keys its static graphs itself. On the 2-core EPYC with
-avx512_bf16, the bf16 guided batch-16 forward of the benchmark U-Net: one compiled graph on 2
-threads 166 ms, two 1-thread graphs on halves run one after the other 207 ms, and at once as two
-streams 112 ms (a small graph's kernels parallelise poorly across 2 threads; two streams do not
-share them).
+on the CPU), so no guard runs per call; it keys its static graphs itself. What the compiled streams
+gain depends on the machine's load (2-core EPYC with avx512_bf16, the benchmark U-Net's bf16 guided
+batch-16 forward, interleaved): on a quiet machine nothing (one graph on 2 threads 99-106 ms, two
+1-thread streams 100-105 ms: the frozen graph's kernels scale to 2 threads); while another process
+took CPU time, 112 ms in two streams against 166 ms in one graph, whose OpenMP barriers wait for
+a descheduled thread where independent streams do not (and the guided DDIM-20 loop of the full
+benchmark run 1.14x). So the sampler streams compiled graphs too.
 """
 from __future__ import annotations
 

@@ -252,9 +252,10 @@ class BundleSampler:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # CPU: the guided batch runs as one part per intra-op thread, each part on one thread
         # (models.inference.BatchStreams; on 2 cores 1.07x / 1.08x the images/s of one stream
-        # eager, more compiled: BENCHMARKS.md). A Ray actor holding one CPU runs one stream, as
-        # before; `ldmflow generate`'s bit-for-bit regeneration relies on its actors' single
-        # thread. None = one stream per thread on the CPU, one elsewhere.
+        # eager; compiled, the same on a quiet machine and more under load: BENCHMARKS.md). A Ray
+        # actor holding one CPU runs one stream, as before; `ldmflow generate`'s bit-for-bit
+        # regeneration relies on its actors' single thread. None = one stream per thread on the
+        # CPU, one elsewhere.
         if streams is None:
             streams = torch.get_num_threads() if self.device.type == "cpu" else 1
         ddir = Path(bundle.diffusion_dir)
