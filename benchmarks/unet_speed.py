@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.warmup = 1 if quick else 2
     args.sample_warmup = 0 if quick else 1
     args.reps = args.reps or (2 if quick else 9)
-    args.sample_reps = args.sample_reps or (1 if quick else 5)   # ~3 s a run; 3 proved too few on a noisy machine
+    # ~3 s a run. 3 proved too few on a noisy machine; 5 left a guided loop's ratio swinging ~10% between
+    # runs on the bf16 machine (BENCHMARKS.md, Earlier measurements).
+    args.sample_reps = args.sample_reps or (1 if quick else 7)
     if args.compile is None:
         args.compile = not quick
     if args.compile_training is None:
