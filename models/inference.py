@@ -51,6 +51,29 @@ from torch import nn
 __all__ = ["compile_frozen", "export_frozen", "BatchStreams"]
 
 
+def _claim(module: nn.Module) -> None:
+    """The checks and the freezing compile_frozen and export_frozen share, before they wrap `forward`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if getattr(module, "_frozen_compiled", False):
+        raise ValueError("module: already compiled with compile_frozen or export_frozen")
+    module.requires_grad_(False)
+
+
+def _refuse_grad(module: nn.Module, how: str) -> None:
+    # Freezing applies only to graphs compiled without autograd (and a frozen weight has no grad).
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{type(module).__name__} was compiled for inference ({how}): "
+                           "call it under torch.no_grad() or torch.inference_mode()")
+
+
+def _install(module: nn.Module, forward: Callable[..., Any]) -> nn.Module:
+    # On the instance: the module tree, and so the state dict keys, stay as they were.
+    module.forward = forward
+    module._frozen_compiled = True
+    return module
+
+
 def compile_frozen(module: nn.Module, dynamic: bool = False) -> nn.Module:
     """Compile `module` in place for inference, its weights frozen into the graph; returns it.
 
@@ -61,24 +84,16 @@ def compile_frozen(module: nn.Module, dynamic: bool = False) -> nn.Module:
     first input shapes; another shape compiles again. Calls must run without grad
     (torch.no_grad() or torch.inference_mode()): a call with grad enabled raises RuntimeError.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    if getattr(module, "_frozen_compiled", False):
-        raise ValueError("module: already compiled with compile_frozen")
-    module.requires_grad_(False)
+    _claim(module)
     compiled = torch.compile(module.forward, dynamic=dynamic)
 
     @functools.wraps(module.forward)
     def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"{type(module).__name__} was compiled for inference (compile_frozen): "
-                               "call it under torch.no_grad() or torch.inference_mode()")
+        _refuse_grad(module, "compile_frozen")
         with torch._inductor.config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
-    module.forward = forward
-    module._frozen_compiled = True
-    return module
+    return _install(module, forward)
 
 
 class _Call(nn.Module):
@@ -126,15 +141,15 @@ def export_frozen(module: nn.Module) -> nn.Module:
     and with its current weights; each graph holds its own frozen (pre-packed) copy of them. Calls
     must run without grad, as for compile_frozen.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    if getattr(module, "_frozen_compiled", False):
-        raise ValueError("module: already compiled with compile_frozen or export_frozen")
-    if module.training:
+    if isinstance(module, nn.Module) and module.training:
         raise ValueError(f"module: {type(module).__name__} is in training mode; call .eval() before export_frozen "
                          "(export bakes the mode into the graph)")
-    module.requires_grad_(False)
-    original = module.forward
+    original = getattr(module, "forward", None)
+    if isinstance(module, nn.Module) and any(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(original).parameters.values()):
+        raise TypeError(f"module: {type(module).__name__}.forward takes *args or **kwargs; export_frozen needs "
+                        "fixed parameters (it keys its graphs on them)")
+    _claim(module)
     signature = inspect.signature(original)
     graphs: dict[Any, Callable[..., Any]] = {}
     lock = threading.Lock()
@@ -150,15 +165,10 @@ def export_frozen(module: nn.Module) -> nn.Module:
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"{type(module).__name__} was compiled for inference (export_frozen): "
-                               "call it under torch.no_grad() or torch.inference_mode()")
+        _refuse_grad(module, "export_frozen")
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         flat = tuple(bound.arguments.values())
-        if any(k.kind in (k.VAR_POSITIONAL, k.VAR_KEYWORD) for k in signature.parameters.values()):
-            raise TypeError(f"export_frozen: {type(module).__name__}.forward takes *args or **kwargs; "
-                            "only fixed parameters can be exported")
         key = (torch.get_num_threads(), tuple(_signature_key(a) for a in flat))
         graph = graphs.get(key)
         if graph is None:
@@ -171,9 +181,7 @@ def export_frozen(module: nn.Module) -> nn.Module:
     # For tests and introspection: {(threads, signature): graph}. On the function, not the module:
     # export snapshots a traced module's attributes and puts the copies back when it is done.
     forward.graphs = graphs
-    module.forward = forward
-    module._frozen_compiled = True
-    return module
+    return _install(module, forward)
 
 
 class BatchStreams:

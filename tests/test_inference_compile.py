@@ -134,6 +134,12 @@ def test_export_frozen_refuses_grad_training_mode_and_bad_arguments():
     with pytest.raises(TypeError, match="^module: expected a torch.nn.Module"):
         export_frozen(lambda x: x)
 
+    class VarArgs(nn.Module):
+        def forward(self, *xs):
+            return xs[0]
+    with pytest.raises(TypeError, match="^module: VarArgs.forward takes \\*args or \\*\\*kwargs"):
+        export_frozen(VarArgs().eval())   # refused before anything is frozen or wrapped
+
 
 # ------------------------------------------------------------------ BatchStreams
 
